@@ -6,7 +6,7 @@ Two cases (random weights, fp32):
   llama  a Llama shape of ~1.2 GB (hidden 1536, ffn 4096, 12 heads / 4 kv heads, 8 layers, vocab 32000, untied)
          grown 2x in width with --method clone.
 
-For each case, three separate processes, each under /usr/bin/time -v (wall clock and maximum resident set size):
+For each case, three kinds of separate processes, each under /usr/bin/time -v (wall clock and maximum resident set size):
   grow       python -m growkit.cli grow SRC -o OUT ... --quiet
   plain      python -c "load_file(every shard of OUT); save_file(the same dict, PLAIN/...)"   (the same output bytes)
   plain+sync the same, then fsync of each written file (growkit fsyncs its shards before the atomic rename)
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import re
 import shlex
 import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,23 +79,20 @@ model.save_pretrained({str(path)!r})
 
 def timed(cmd: list[str], log: Path) -> dict[str, float]:
     """Run `cmd` under /usr/bin/time -v; wall seconds and peak RSS in MB."""
-    t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"} | _env())
-    wall = time.perf_counter() - t0
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): (\S+)", proc.stderr).group(1)) for k in ("User", "System"))
     elapsed = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
     parts = [float(p) for p in elapsed.split(":")]
     wall_time_v = sum(p * 60**i for i, p in enumerate(reversed(parts)))
-    return {"wall_s": round(wall_time_v, 2), "wall_s_outer": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1)}
+    return {"wall_s": round(wall_time_v, 2), "cpu_s": round(cpu, 2), "peak_rss_mb": round(rss_kb / 1024, 1)}
 
 
 def _env() -> dict[str, str]:
-    import os
-
     keep = ("HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TMPDIR", "LANG")
     return {k: os.environ[k] for k in keep if k in os.environ}
 
@@ -113,7 +111,11 @@ def largest_tensor_mb(directory: Path) -> tuple[float, float]:
     return largest / 2**20, total / 2**20
 
 
-def run_case(name: str, work: Path) -> dict[str, object]:
+def _median(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def run_case(name: str, work: Path, repeats: int) -> dict[str, object]:
     case = CASES[name]
     src, out, plain, plain_sync = (work / f"{name}-{s}" for s in ("src", "grown", "plain", "plain-sync"))
     for p in (out, plain, plain_sync):
@@ -128,15 +130,24 @@ def run_case(name: str, work: Path) -> dict[str, object]:
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
-    g = timed(grow_cmd, work / f"{name}-grow.log")
-    p = timed(plain_cmd, work / f"{name}-plain.log")
-    s = timed(sync_cmd, work / f"{name}-plain-sync.log")
+    # Interleaved repeats (grow, plain, plain+sync, grow, ...): the machine is shared, so one run alone can be
+    # slowed by a neighbour; medians of `repeats` runs are reported, with every single run in `runs`.
+    runs: dict[str, list[dict[str, float]]] = {"grow": [], "plain": [], "plain_sync": []}
+    for r in range(repeats):
+        for key, cmd, path in (("grow", grow_cmd, out), ("plain", plain_cmd, plain), ("plain_sync", sync_cmd, plain_sync)):
+            if r and key == "grow":
+                shutil.rmtree(out)
+            if key != "grow":
+                shutil.rmtree(path, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            runs[key].append(timed(cmd, work / f"{name}-{key}-{r}.log"))
+    g, p, s = (_median(runs[k]) for k in ("grow", "plain", "plain_sync"))
     largest, total = largest_tensor_mb(out)
     src_mb = largest_tensor_mb(src)[1]
     budget = 1.5 * largest + 400
     row = {
         "case": name, "source_mb": round(src_mb), "output_mb": round(total), "largest_output_tensor_mb": round(largest, 1),
-        "grow": g, "plain": p, "plain_sync": s,
+        "grow": g, "plain": p, "plain_sync": s, "runs": runs, "load_average": os.getloadavg(),
         "time_ratio_vs_plain": round(g["wall_s"] / p["wall_s"], 2),
         "time_ratio_vs_plain_sync": round(g["wall_s"] / s["wall_s"], 2),
         "rss_budget_mb": round(budget), "rss_over_budget": round(g["peak_rss_mb"] / budget, 2),
@@ -154,11 +165,12 @@ def main() -> None:
     parser.add_argument("cases", nargs="*", default=list(CASES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/growkit-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the generated sources under --work")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     try:
         for name in args.cases:
-            print(json.dumps(run_case(name, args.work)), flush=True)
+            print(json.dumps(run_case(name, args.work, args.repeats)), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
