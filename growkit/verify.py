@@ -66,7 +66,7 @@ def text_tokens(directory: Path, length: int) -> torch.Tensor | None:
     except (OSError, ValueError):
         return None
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
-    ids = tokenizer(text[: 16 * length])["input_ids"][: 2 * length]
+    ids = tokenizer(text[: 16 * length], verbose=False)["input_ids"][: 2 * length]
     return torch.tensor(ids).reshape(2, length) if len(ids) == 2 * length else None
 
 
