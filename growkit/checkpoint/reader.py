@@ -308,8 +308,6 @@ def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: 
                                                    for k, v in loaded.items()):
             raise GrowkitError(f"{file}: expected a state dict (names -> tensors), got {type(loaded).__name__}")
         state.update(loaded)
-    cfg = _directory_config(directory, config) if root is not None or config is not None else _read_json(
-        directory / "config.json")
-    ckpt = StateDictCheckpoint(state, cfg, source=str(root or shown))
+    ckpt = StateDictCheckpoint(state, _directory_config(directory, config), source=str(root or shown))
     ckpt.root = root or directory
     return ckpt
