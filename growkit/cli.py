@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -23,22 +24,33 @@ def _root() -> None:
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     """SIGTERM unwinds like Ctrl-C, so half-written output is removed on the way out."""
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _quiet_transformers(quiet: bool) -> None:
+    """transformers' advice on configs we did not write is noise here. Said through the environment when transformers
+    is not imported yet, which spares every run (most never need transformers) half a second of importing it."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def main() -> None:
     """Run the CLI; user errors print one line and exit 2, with no traceback."""
     signal.signal(signal.SIGTERM, _terminate)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # transformers' advice on configs we did not write is noise here
-    if "--quiet" in sys.argv or "-q" in sys.argv:
-        hf_logging.disable_progress_bar()
+    _quiet_transformers("--quiet" in sys.argv or "-q" in sys.argv)
     try:
         app()
     except GrowkitError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         typer.echo("error: interrupted; nothing was written at the output path", err=True)
         sys.exit(130)

@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,7 @@ from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
 from growkit.checkpoint.files import copy_support_files
 from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
-from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size, stale_temporaries
+from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size, scan_temporaries
 from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.operators import get_operator
@@ -105,6 +106,39 @@ def check_tensors(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], siz
         raise GrowkitError(f"{ckpt.source}: unexpected tensor {name} for a {ckpt.model_type} model with this config")
 
 
+@contextmanager
+def config_errors(source: str) -> Iterator[None]:
+    """A config field that is missing or of the wrong type becomes a one-line error naming the checkpoint.
+
+    The families read their fields plainly (`int(config["n_embd"])`); this is the one place that turns what such a
+    read raises on a malformed config.json into a message, instead of validating every field twice.
+    """
+    try:
+        yield
+    except KeyError as exc:
+        raise GrowkitError(f"{source}: config has no {exc.args[0]!r} field") from None
+    except (TypeError, ValueError, ArithmeticError, IndexError, AttributeError) as exc:
+        raise GrowkitError(f"{source}: config has a malformed field ({type(exc).__name__}: {exc})") from None
+
+
+def checked_sizes(sizes: Sizes, source: str) -> Sizes:
+    """Every size the plan uses must be positive (a config with n_head 0 or hidden -1 is not a model)."""
+    for name, value in sizes.as_dict().items():
+        if value <= 0:
+            raise GrowkitError(f"{source}: config gives {name} = {value}; it must be positive")
+    return sizes
+
+
+def clean_temporaries(out: Path) -> None:
+    """Remove temporary directories that crashed runs left beside `out`; report those whose owner may be alive."""
+    for tmp in scan_temporaries(out):
+        if tmp.state == "stale":
+            print(f"growkit: removing {tmp.describe()}", file=sys.stderr)
+            shutil.rmtree(tmp.path, ignore_errors=True)
+        else:
+            print(f"growkit: note: {tmp.describe()}", file=sys.stderr)
+
+
 def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: int | None = None,
                 ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
                 layers: str | int | None = None, method: str = "clone", depth_method: str = "stack",
@@ -113,21 +147,26 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
     """Validate a request against a checkpoint and decide every axis map; reads headers only (and whatever weights
     an operator needs to decide, such as a fitted measure)."""
     family = family_for(ckpt.config, ckpt.source)
-    source = family.sizes(ckpt.config)
-    specs = family.tensors(ckpt.config, ckpt.names())
-    plan = make_plan(family, source, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
-                     layers=layers, method=method, depth_method=depth_method, direction=direction)
-    operator = get_operator(method, **dict(operator_options or {}))
-    operator.check(plan)
+    with config_errors(ckpt.source):
+        source = checked_sizes(family.sizes(ckpt.config), ckpt.source)
+        specs = family.tensors(ckpt.config, ckpt.names())
+    try:
+        plan = make_plan(family, source, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                         layers=layers, method=method, depth_method=depth_method, direction=direction)
+        operator = get_operator(method, **dict(operator_options or {}))
+        operator.check(plan)
+    except GrowkitError as exc:  # name the checkpoint the impossible request was made of
+        raise GrowkitError(f"{ckpt.source}: {exc}") from None
     if plan.target.layers != source.layers and ckpt.config.get("scale_attn_by_inverse_layer_idx"):
         raise GrowkitError(f"{ckpt.source}: scale_attn_by_inverse_layer_idx ties attention scale to layer index; "
                            "depth growth would change the function")
     check_tensors(ckpt, family, specs, source)
     maps = operator.build_maps(ckpt, family, specs, plan, seed)
-    config = family.rewrite_config(ckpt.config, plan.target, maps.layer_src)
-    ratio = maps.hidden.stream_energy_ratio()
-    if family.norm == "rms" and ratio != 1.0 and family.norm_eps_key in config:
-        config[family.norm_eps_key] = float(config[family.norm_eps_key]) * ratio
+    with config_errors(ckpt.source):
+        config = family.rewrite_config(ckpt.config, plan.target, maps.layer_src)
+        ratio = maps.hidden.stream_energy_ratio()
+        if family.norm == "rms" and ratio != 1.0 and family.norm_eps_key in config:
+            config[family.norm_eps_key] = float(config[family.norm_eps_key]) * ratio
     opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed,
                         noise_snr_db=noise_snr_db)
     return Growth(ckpt, family, specs, plan, operator, maps, opts, config)
@@ -223,9 +262,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
     metadata = {"format": "pt", "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "operator",
                                                                                     "sizes", "options")}),
                 "config": json.dumps(new_config, sort_keys=True)}
-    for stale in stale_temporaries(out):
-        print(f"growkit: removing {stale}, left by an interrupted run", file=sys.stderr)
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_temporaries(out)
     entries = [e for e, _, _ in growth.entries(out_dtype)]
     with CheckpointWriter(out, entries, parse_size(max_shard_size), metadata, overwrite=overwrite) as writer:
         for entry, tensor in grown_tensors(growth, out_dtype, quiet=quiet, allow_nonfinite=allow_nonfinite):
@@ -239,7 +276,8 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
 
             provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
         writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
-        _write_card(writer.tmp, provenance)
+        with writer.guard("README.md"):
+            _write_card(writer.tmp, provenance)
         out_dir = writer.commit()
     return GrowResult(out_dir=out_dir, provenance=provenance, plan=growth.plan)
 

@@ -190,7 +190,7 @@ def _open_safetensors(file: Path) -> Any:
     except FileNotFoundError:
         raise GrowkitError(f"{file}: file not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise GrowkitError(f"{file}: not a valid safetensors file ({exc})") from None
+        raise GrowkitError(f"{file}: not a valid safetensors file, truncated or corrupt ({exc})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -286,6 +286,25 @@ def _directory_config(path: Path, config: str | Path | Mapping[str, Any] | None)
     return _read_json(cfg_file)
 
 
+def _torch_load(file: Path) -> Any:
+    """torch.load with weights_only (no code runs), memory-mapped unless the file predates the zip format."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The one informative line of torch's multi-paragraph refusal (which also suggests weights_only=False: no)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "global" in line:
+            return line.rstrip(".") + "; the file holds more than tensors"
+    return lines[0] if lines else "unreadable"
+
+
 def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: bool, root: Path | None) -> Checkpoint:
     """Pickle weights are an opt-in, and even then only tensors are unpickled (`weights_only=True`)."""
     shown = files[0]
@@ -300,10 +319,10 @@ def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: 
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            loaded = _torch_load(file)
         except Exception as exc:  # torch raises many types for a bad pickle; all mean the same to the user
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise GrowkitError(f"{file}: cannot load pickle weights safely ({type(exc).__name__}: {first})") from None
+            raise GrowkitError(f"{file}: cannot load pickle weights safely ({type(exc).__name__}: "
+                               f"{_pickle_reason(exc)})") from None
         if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                    for k, v in loaded.items()):
             raise GrowkitError(f"{file}: expected a state dict (names -> tensors), got {type(loaded).__name__}")
