@@ -85,12 +85,12 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 def check_tensors(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], sizes: Sizes) -> None:
     """Every expected tensor is present with the shape the config implies; nothing unknown is silently dropped."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        for layer in range(sizes.layers) if spec.per_layer else [None]:
-            expected[spec.at(layer)] = tuple(_dim_size(d.axes, sizes) for d in spec.dims)
     names = set(ckpt.names())
-    for name, shape in expected.items():
+    expected: set[str] = set()
+    for spec, layer in ((spec, layer) for spec in specs for layer in (range(sizes.layers) if spec.per_layer else [None])):
+        # Checked as they are listed, so a config claiming 10**12 layers fails at the first missing one.
+        name, shape = spec.at(layer), tuple(_dim_size(d.axes, sizes) for d in spec.dims)
+        expected.add(name)
         if name not in names:
             raise GrowkitError(f"{ckpt.source}: tensor {name} is missing (expected for a {ckpt.model_type} model "
                                f"with this config)")
@@ -100,7 +100,7 @@ def check_tensors(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], siz
         if not ckpt.dtype(name).is_floating_point:
             raise GrowkitError(f"{ckpt.source}: tensor {name} has non-float dtype {ckpt.dtype(name)}")
     tied_head = {"lm_head.weight"} if family.tied(ckpt.config) else set()
-    for name in sorted(names - set(expected)):
+    for name in sorted(names - expected):
         if name in tied_head or any(name.endswith(s) for s in family.ignorable):
             continue
         raise GrowkitError(f"{ckpt.source}: unexpected tensor {name} for a {ckpt.model_type} model with this config")
