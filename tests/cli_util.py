@@ -36,6 +36,59 @@ def run_cli(*args: str | Path, timeout: float = 120, **kw: Any) -> subprocess.Co
                           cwd=REPO, **kw)
 
 
+_FORK_DRIVER = r"""
+import json, os, sys, tempfile, traceback
+import growkit.cli
+
+jobs, width = json.loads(sys.stdin.read()), int(sys.argv[1])
+results, running, queue = {}, {}, list(enumerate(jobs))
+workdir = tempfile.mkdtemp(prefix="growkit-cli-batch-")
+while queue or running:
+    while queue and len(running) < width:
+        i, argv = queue.pop(0)
+        out, err = (os.path.join(workdir, f"{i}.{k}") for k in ("out", "err"))
+        pid = os.fork()
+        if pid == 0:  # the child: exactly what `python -m growkit.cli ARGV` does after its imports
+            fo, fe = os.open(out, os.O_WRONLY | os.O_CREAT), os.open(err, os.O_WRONLY | os.O_CREAT)
+            os.dup2(fo, 1), os.dup2(fe, 2)
+            sys.argv = ["growkit", *argv]
+            code = 0
+            try:
+                growkit.cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, (int, type(None))):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(code)
+        running[pid] = (i, out, err)
+    pid, status = os.wait()
+    i, out, err = running.pop(pid)
+    results[i] = [os.waitstatus_to_exitcode(status), open(out).read(), open(err).read()]
+print(json.dumps([results[i] for i in range(len(jobs))]))
+"""
+
+
+def run_cli_batch(jobs: list[list[str | Path]], width: int = 3, timeout: float = 600
+                  ) -> list[subprocess.CompletedProcess[str]]:
+    """Run many CLI invocations, each in its own process, without paying torch's import for each.
+
+    One interpreter imports `growkit.cli` once and forks a child per invocation; the child sets `sys.argv` and
+    calls `growkit.cli.main()`, so each case still has its own process, exit status, stdout and stderr (an uncaught
+    exception prints its traceback and exits 1, as the interpreter would). Up to `width` children run at a time.
+    """
+    argvs = [[str(a) for a in job] for job in jobs]
+    proc = subprocess.run([sys.executable, "-c", _FORK_DRIVER, str(width)], input=json.dumps(argvs),
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [subprocess.CompletedProcess(["growkit", *argv], rc, out, err) for argv, (rc, out, err) in zip(argvs, rows)]
+
+
 def start_cli(*args: str | Path, **kw: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env(), cwd=REPO, preexec_fn=_child_setup, **kw)

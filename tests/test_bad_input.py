@@ -2,8 +2,9 @@
 names the file and the problem, prints no traceback, and writes nothing at the output path (nor leaves a temporary
 directory beside it). docs/errors.md lists the same cases with the message each gives.
 
-The cases are prepared first and their CLI runs go concurrently (each is a fresh Python with torch to import), then
-each case is checked by its own test.
+The cases are prepared first, then their CLI runs go in one batch (`cli_util.run_cli_batch`: each is its own
+process running the CLI's `main()` with its own argv, forked from one interpreter that imported growkit once), then
+each case is checked by its own test. The disk-full and signal cases run `python -m growkit.cli` in full.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cli_util import (assert_nothing_written, error_line, read_safetensors, run_cli, snapshot,
+from cli_util import (assert_nothing_written, error_line, read_safetensors, run_cli_batch, snapshot,
                       write_safetensors)
 from conftest import save_tiny
 
@@ -311,12 +311,8 @@ def matrix(tmp_path_factory, sources) -> dict[str, Case]:
     jobs: dict[str, list] = {name: c.args for name, c in cases.items() if not c.skip}
     jobs.update({name: make(root, sources) for name, make in OPT_INS.items()})
 
-    def run(args: list) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, "--quiet")
-
     try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            results = dict(zip(jobs, pool.map(run, jobs.values())))
+        results = dict(zip(jobs, run_cli_batch([[*args, "--quiet"] for args in jobs.values()])))
     finally:
         release(root / "read-only")
     for name, case in cases.items():
