@@ -130,19 +130,30 @@ def _along(v: torch.Tensor, dim_index: int, ndim: int) -> torch.Tensor:
 
 def _symmetric_noise(x: torch.Tensor, dim_index: int, group: torch.Tensor, std: float,
                      gen: torch.Generator) -> torch.Tensor:
-    """Noise that sums to zero over every set of copies of one source reader, so the layer's output is unchanged."""
-    noise = torch.randn(x.shape, generator=gen) * std
+    """Noise that sums to zero over every set of copies of one source reader, so the layer's output is unchanged.
+
+    Worked along `dim_index` in place (no moved, non-contiguous copies): the sums over copies, their means and the
+    centring are the same arithmetic in the same order as a per-group loop would do.
+    """
+    noise = torch.randn(x.shape, generator=gen).mul_(std)
     valid = group >= 0
     g = group.clamp(min=0)
     n_groups = int(g.max()) + 1 if g.numel() else 0
-    moved = noise.movedim(dim_index, 0)
-    sums = torch.zeros((n_groups, *moved.shape[1:])).index_add_(0, g[valid], moved[valid])
+    ndim = x.dim()
+    shape = list(x.shape)
+    shape[dim_index] = n_groups
+    if bool(valid.all()):
+        sums = torch.zeros(shape).index_add_(dim_index, g, noise)
+    else:
+        idx = valid.nonzero().reshape(-1)
+        sums = torch.zeros(shape).index_add_(dim_index, g[idx], noise.index_select(dim_index, idx))
     counts = torch.bincount(g[valid], minlength=n_groups).to(x.dtype)
-    mean = sums / counts.clamp(min=1).reshape(-1, *([1] * (moved.dim() - 1)))
-    centred = moved - mean[g]
-    centred[~valid] = 0
-    centred[(counts[g] < 2) | ~valid] = 0  # a lone copy cannot move without changing the function
-    return centred.movedim(0, dim_index)
+    sums.div_(_along(counts.clamp(min=1), dim_index, ndim))  # now the mean over each group's copies
+    noise.sub_(sums.index_select(dim_index, g))
+    silent = ~valid | (counts[g] < 2)  # fresh, or a lone copy, which cannot move without changing the function
+    if bool(silent.any()):
+        noise.index_fill_(dim_index, silent.nonzero().reshape(-1), 0.0)
+    return noise
 
 
 def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int],
