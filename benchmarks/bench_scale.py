@@ -8,6 +8,7 @@ Two cases (random weights, fp32):
 
 For each case, three kinds of separate processes, each under /usr/bin/time -v (wall clock and maximum resident set size):
   grow       python -m growkit.cli grow SRC -o OUT ... --quiet
+  grow_no_thp  the same with THP_MEM_ALLOC_ENABLE=0 (torch's 4 KiB-page allocations, as before the CLI set it)
   plain      python -c "load_file(every shard of OUT); save_file(the same dict, PLAIN/...)"   (the same output bytes)
   plain+sync the same, then fsync of each written file (growkit fsyncs its shards before the atomic rename)
 and reports grow / plain wall-time ratios, and peak RSS against the largest output tensor: the goal is
@@ -77,10 +78,10 @@ model.save_pretrained({str(path)!r})
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def timed(cmd: list[str], log: Path) -> dict[str, float]:
-    """Run `cmd` under /usr/bin/time -v; wall seconds and peak RSS in MB."""
+def timed(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run `cmd` under /usr/bin/time -v; wall seconds, CPU seconds (user + system) and peak RSS in MB."""
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"} | _env())
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"} | _env() | (env or {}))
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -132,22 +133,21 @@ def run_case(name: str, work: Path, repeats: int) -> dict[str, object]:
                 pass
     # Interleaved repeats (grow, plain, plain+sync, grow, ...): the machine is shared, so one run alone can be
     # slowed by a neighbour; medians of `repeats` runs are reported, with every single run in `runs`.
-    runs: dict[str, list[dict[str, float]]] = {"grow": [], "plain": [], "plain_sync": []}
+    runs: dict[str, list[dict[str, float]]] = {"grow": [], "grow_no_thp": [], "plain": [], "plain_sync": []}
+    no_thp = {"THP_MEM_ALLOC_ENABLE": "0"}  # the CLI turns torch's huge-page allocations on unless told otherwise
     for r in range(repeats):
-        for key, cmd, path in (("grow", grow_cmd, out), ("plain", plain_cmd, plain), ("plain_sync", sync_cmd, plain_sync)):
-            if r and key == "grow":
-                shutil.rmtree(out)
-            if key != "grow":
-                shutil.rmtree(path, ignore_errors=True)
+        for key, cmd, path, env in (("grow", grow_cmd, out, None), ("grow_no_thp", grow_cmd, out, no_thp),
+                                    ("plain", plain_cmd, plain, None), ("plain_sync", sync_cmd, plain_sync, None)):
+            shutil.rmtree(path, ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            runs[key].append(timed(cmd, work / f"{name}-{key}-{r}.log"))
+            runs[key].append(timed(cmd, work / f"{name}-{key}-{r}.log", env))
     g, p, s = (_median(runs[k]) for k in ("grow", "plain", "plain_sync"))
     largest, total = largest_tensor_mb(out)
     src_mb = largest_tensor_mb(src)[1]
     budget = 1.5 * largest + 400
     row = {
         "case": name, "source_mb": round(src_mb), "output_mb": round(total), "largest_output_tensor_mb": round(largest, 1),
-        "grow": g, "plain": p, "plain_sync": s, "runs": runs, "load_average": os.getloadavg(),
+        "grow": g, "grow_no_thp": _median(runs["grow_no_thp"]), "plain": p, "plain_sync": s, "runs": runs, "load_average": os.getloadavg(),
         "time_ratio_vs_plain": round(g["wall_s"] / p["wall_s"], 2),
         "time_ratio_vs_plain_sync": round(g["wall_s"] / s["wall_s"], 2),
         "rss_budget_mb": round(budget), "rss_over_budget": round(g["peak_rss_mb"] / budget, 2),

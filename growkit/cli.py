@@ -7,10 +7,16 @@ import signal
 import sys
 from types import FrameType
 
-import typer
+# Transparent huge pages for torch's large CPU allocations; torch reads this once, so it is set before torch is first
+# imported (just below). Growth allocates every output tensor afresh, and with 4 KiB pages the page faults were half
+# its system time (Llama 1.2 GB grown 2x: 1.45M faults and 9.7 s system time; 117k and 5.4 s with huge pages).
+# THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from growkit.errors import GrowkitError
-from growkit.grow_command import grow_command
+import typer  # noqa: E402
+
+from growkit.errors import GrowkitError  # noqa: E402
+from growkit.grow_command import grow_command  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")

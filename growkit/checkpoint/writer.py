@@ -133,6 +133,7 @@ class CheckpointWriter:
         self._shard = -1
         self._in_shard = 0
         self._fh: BinaryIO | None = None
+        self._shard_size = 0
         self._lock: int | None = None
         self.committed = False
         try:
@@ -171,13 +172,17 @@ class CheckpointWriter:
         self._close_shard()
         self._shard += 1
         name = self.files[self._shard]
+        header = _header(self.shards[self._shard], self._metadata)
+        self._shard_size = len(header) + sum(e.nbytes for e in self.shards[self._shard])
         with self.guard(name):
             self._fh = open(self.tmp / name, "wb")
-            self._fh.write(_header(self.shards[self._shard], self._metadata))
+            self._fh.write(header)
         self._in_shard = 0
 
     def _close_shard(self) -> None:
         if self._fh is not None:
+            if self._fh.tell() != self._shard_size:
+                raise RuntimeError(f"{self._fh.name}: wrote {self._fh.tell()} bytes of {self._shard_size}")
             with self.guard(Path(self._fh.name).name):
                 self._fh.flush()
                 os.fsync(self._fh.fileno())
