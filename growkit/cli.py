@@ -8,9 +8,9 @@ import sys
 from types import FrameType
 
 # Transparent huge pages for torch's large CPU allocations; torch reads this once, so it is set before torch is first
-# imported (just below). Growth allocates every output tensor afresh, and with 4 KiB pages the page faults were half
-# its system time (Llama 1.2 GB grown 2x: 1.45M faults and 9.7 s system time; 117k and 5.4 s with huge pages).
-# THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+# imported (just below). Growth allocates every output tensor afresh, and faulting in fresh memory 4 KiB at a time
+# was a large part of its CPU time (benchmarks/bench_scale.py, medians of 3: GPT-2 small -> medium 9.4 -> 7.2 s,
+# Llama 1.2 GB 2x 27.7 -> 21.7 s; page faults 1.45M -> 0.12M). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import typer  # noqa: E402
