@@ -115,8 +115,13 @@ def config_errors(source: str) -> Iterator[None]:
     """
     try:
         yield
+    except GrowkitError as exc:  # the families' own checks say "config: ..."; say which checkpoint's
+        message = str(exc)
+        raise GrowkitError(message if message.startswith(source) else f"{source}: {message}") from None
     except KeyError as exc:
         raise GrowkitError(f"{source}: config has no {exc.args[0]!r} field") from None
+    except ZeroDivisionError as exc:
+        raise GrowkitError(f"{source}: config has a size of zero ({exc})") from None
     except (TypeError, ValueError, ArithmeticError, IndexError, AttributeError) as exc:
         raise GrowkitError(f"{source}: config has a malformed field ({type(exc).__name__}: {exc})") from None
 
