@@ -1,7 +1,7 @@
 """Fuzzing the reading path (safetensors bytes, header JSON, metadata config, config.json) with hypothesis, for a
 bounded number of examples (GROWKIT_FUZZ_EXAMPLES, default 120 per target, a few seconds; set it high for a long
-offline run): whatever the mutation, reading, planning and growing either works and returns exactly
-the bytes the header describes, or raises GrowkitError with a one-line message; never another exception type.
+offline run): whatever the mutation, reading, planning and growing either works and returns exactly the bytes the
+header describes, or raises GrowkitError with a one-line message naming the file; never another exception type.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def read_and_grow(path: Path) -> dict[str, torch.Tensor] | None:
     except GrowkitError as exc:
         message = str(exc)
         assert message and "\n" not in message, repr(message)
+        assert str(path) in message, f"the message does not name {path}: {message}"
         return None
 
 
