@@ -9,6 +9,7 @@ _LAZY = {
     "grow_model": "growkit.pipeline",
     "load_checkpoint": "growkit.checkpoint.reader",
     "GrowkitError": "growkit.errors",
+    "inspect": "growkit.measure.report",
 }
 
 

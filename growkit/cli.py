@@ -10,10 +10,12 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.grow_command import grow_command
+from growkit.measure.command import inspect_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")
 app.command("grow")(grow_command)
+app.command("inspect")(inspect_command)
 
 
 @app.callback()
