@@ -197,15 +197,18 @@ class Estimator:
     def _mix(self, pca: NeuronPCA, atoms: torch.Tensor, gen: torch.Generator) -> Mixing:
         raise NotImplementedError
 
-    def sample(self, m: int, gen: torch.Generator) -> torch.Tensor:
-        """`m` explicit feature vectors drawn from the measure fitted by `fit`."""
+    def sample(self, m: int, gen: torch.Generator, chunk: int = 4096) -> torch.Tensor:
+        """`m` explicit feature vectors drawn from the measure fitted by `fit` (in chunks, to bound memory)."""
         if self._x is None:
             raise RuntimeError("sample() needs explicit features: call fit(x) first")
-        mix = self.mixing(m, gen)
-        out = mix.dense(self._x.shape[0]) @ self._x
-        if mix.sigma2 > 0:
-            out = out + torch.randn(out.shape, generator=gen, dtype=out.dtype) * math.sqrt(mix.sigma2)
-        return out
+        parts = []
+        for start in range(0, m, chunk):
+            mix = self.mixing(min(chunk, m - start), gen)
+            out = mix.dense(self._x.shape[0]) @ self._x
+            if mix.sigma2 > 0:
+                out = out + torch.randn(out.shape, generator=gen, dtype=out.dtype) * math.sqrt(mix.sigma2)
+            parts.append(out)
+        return torch.cat(parts) if parts else self._x[:0]
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
         """Log density of points `(m, r)` in the fitted PCA coordinates."""
