@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from growkit import grow
-from growkit.arch.spec import FFN, HIDDEN, Sizes
+from growkit.arch.spec import FFN, HIDDEN
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.cli import app
 from growkit.measure.features import axis_features, tensor_items
@@ -185,7 +185,10 @@ def test_unknown_estimator_fails_before_reading(tiny):
         get_operator("rc-sample", estimator="parzen")
 
 
-def test_sizes_are_untouched_by_unresized_axes():
+def test_axes_that_keep_their_size_are_untouched(tiny, tmp_path):
+    """Depth-only growth has nothing to sample: with identity blocks the output is exactly the source function."""
     op = get_operator("rc-sample")
-    assert op.estimator_name == "kde" and not op.resample_all
-    assert isinstance(Sizes(hidden=1, ffn=1, heads=1, kv_heads=1, layers=1, head_dim=1, vocab=1), Sizes)
+    assert op.estimator_name == "empirical" and not op.resample_all
+    result = grow(tiny("llama-gqa4"), tmp_path / "deep", layers="2x", depth_method="identity", method="rc-sample",
+                  verify=True, quiet=True, operator_options={"resample_all": True})
+    assert result.provenance["verification"]["max_abs_dlogits"] < 1e-5

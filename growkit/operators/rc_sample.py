@@ -35,7 +35,7 @@ from growkit.plan import GrowthPlan
 
 #: Order in which axes are drawn inside a tensor; fixed, so crossings of two new axes are deterministic.
 ORDER = (HIDDEN, KV_HEADS, QGROUP, FFN)
-DEFAULT_ESTIMATOR = "kde"
+DEFAULT_ESTIMATOR = "empirical"  # the only measure whose mean-field limit is the source network (benchmarks/RESULTS.md)
 _AXES = ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv", "vocab", "positions")
 
 
@@ -71,9 +71,6 @@ class RCSample(Operator):
         self._opts: ApplyOptions | None = None
         self._sizes: dict[str, int] = {}
         self._layer_src: list[int] = []
-
-    def options(self) -> dict[str, Any]:
-        return {"estimator": self.estimator_name, "resample_all": self.resample_all, "rank": self.rank}
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps:
