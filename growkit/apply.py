@@ -155,7 +155,10 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
         gen = generator_for(opts.seed, "fresh", spec.at(layer))
         x = torch.where(rand, torch.randn(x.shape, generator=gen) * (std or 0.02), x)
     if elem_fresh.any():
-        fill = x[~elem_fresh].mean() if spec.kind == "norm_weight" and (~elem_fresh).any() else torch.tensor(0.0)
+        # Fresh RMSNorm gains scale a zero stream entry, so any value is exact: take the mean so they train like the
+        # rest. Under LayerNorm a zero entry normalises to -mean/std, which a non-zero gain would pass on.
+        live_gain = spec.kind == "norm_weight" and opts.rms_norm and bool((~elem_fresh).any())
+        fill = x[~elem_fresh].mean() if live_gain else torch.tensor(0.0)
         x = torch.where(elem_fresh, fill, x)
     x = torch.where(zero, torch.zeros(()), x)
 
