@@ -146,8 +146,14 @@ def growth(args: argparse.Namespace) -> None:
 
 
 def growth_table(args: argparse.Namespace) -> None:
-    """Re-render the growth tables from the saved JSON (no growing)."""
-    results = json.loads((RESULTS / f"bench_rc_growth{args.tag}.json").read_text())
+    """Re-render the growth tables from the saved JSON files (no growing); several tags are merged per model."""
+    results: dict[str, Any] = {}
+    for tag in args.tag:
+        for model, res in json.loads((RESULTS / f"bench_rc_growth{tag}.json").read_text()).items():
+            if model in results:
+                results[model]["runs"] += res["runs"]
+            else:
+                results[model] = res
     widths = sorted({r["width"] for res in results.values() for r in res["runs"]})
     _growth_tables(results, widths)
 
@@ -167,9 +173,11 @@ def _growth_tables(results: dict[str, Any], widths: list[int]) -> None:
             cells = []
             for w in widths:
                 gaps = [r["gap"] for r in runs if r["width"] == w]
-                cells.append(f"{np.mean(gaps):+.4f} ± {np.std(gaps):.4f}" if len(gaps) > 1 else f"{gaps[0]:+.4f}")
+                cells.append("-" if not gaps else f"{np.mean(gaps):+.4f} ± {np.std(gaps):.4f}" if len(gaps) > 1
+                             else f"{gaps[0]:+.4f}")
             xs = [r["width"] for r in runs]
-            trend = _fit_trend(xs, [r["gap"] for r in runs], ra) if method == "rc-sample" else None
+            trend = _fit_trend(xs, [r["gap"] for r in runs], ra) if method == "rc-sample" and len(set(xs)) > 1 \
+                else None
             trend_text = "- | -" if trend is None else (
                 f"b = {trend['b']:+.2f} ± {trend['b_stderr']:.2f} (p {trend['p']:.2g}, R² {trend['r2']:.2f})"
                 f"{'' if trend['model'] == 'gap = c k^b' else ' [' + trend['model'] + ']'} | "
@@ -235,14 +243,14 @@ def widths(args: argparse.Namespace) -> None:
             pairs.append((f"tiny-gpt2 vs its 2x {method}{' ' + estimator if estimator else ''}", MODELS / "tiny-gpt2",
                           out))
         results = []
-        for units in ("mf", "sp"):
+        for units in ("mf", "sp", "raw"):
             print(f"\n### distances of RMS-norm distributions, {units} units (mean over tensors; KS: mean statistic, "
                   "tensors with p < 0.01)\n")
             print("| pair | rows W1 rel | rows KS (p<0.01) | cols W1 rel | cols KS (p<0.01) | vectors W1 rel | "
                   "vectors KS (p<0.01) |")
             print("|---|---|---|---|---|---|---|")
             for label, a, b in pairs:
-                report = inspect(a, compare=b, units=units, permutations=1, max_dim=8)
+                report = inspect(a, compare=b, units=units, permutations=2, max_dim=8)  # RC test not used here
                 s = _summarise(report)
                 results.append({"pair": label, "units": units, "summary": s,
                                 "distances": [d.model_dump() for d in report.distances]})
@@ -251,6 +259,15 @@ def widths(args: argparse.Namespace) -> None:
                     x = s[side]
                     cells += [f"{x['w1_rel']:.3f}", f"{x['ks']:.3f} ({x['ks_p_below_0.01']}/{x['count']})"]
                 print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+        report = inspect(MODELS / "tiny-gpt2", compare=trained[128], units="raw", permutations=2, max_dim=8)
+        a, b = report.samples("source"), report.samples("compare")
+        ratios = {n: float(np.sqrt(np.mean(b[n]["rows"] ** 2) / np.mean(a[n]["rows"] ** 2))) for n in a if "rows" in a[n]}
+        print("\n#### RMS entry of each matrix, d128 seed 1 / tiny-gpt2 (raw units; mean-field scaling would give 0.5, "
+              "standard scaling 0.71)\n")
+        print("| " + " | ".join(short_name(n) for n in ratios) + " |")
+        print("|" + "---|" * len(ratios))
+        print("| " + " | ".join(f"{v:.2f}" for v in ratios.values()) + " |")
+        results.append({"pair": "rms entry ratio d128/d64", "ratios": ratios})
     _save("widths", results)
 
 
@@ -268,7 +285,7 @@ def main() -> None:
     p.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip clone and net2net")
     p.add_argument("--tag", default="", help="suffix of the results file, bench_rc_growth<tag>.json")
     p = sub.add_parser("growth-table", help="re-render the growth tables from benchmarks/results/bench_rc_growth.json")
-    p.add_argument("--tag", default="")
+    p.add_argument("--tag", nargs="+", default=[""], help="results files to merge, e.g. --tag '' _16x")
     p = sub.add_parser("widths")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--work", default="/tmp/growkit-bench-widths", help="where the trained widths are kept")

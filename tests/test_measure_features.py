@@ -57,7 +57,7 @@ def test_features_are_in_mean_field_units_and_span_every_tensor(tiny):
 
 def test_gram_summed_tensor_by_tensor_matches_the_explicit_features(tiny):
     ckpt, family, sizes, specs = _model(tiny("llama-gqa4"))
-    fits = fit_axes(ckpt, specs, sizes, {(HIDDEN, None), (FFN, 1)}, rank=4, residuals=True)
+    fits = fit_axes(ckpt, specs, sizes, {(HIDDEN, None), (FFN, 1)}, rank=4, residuals=True, keep_gram=True)
     for key in ((HIDDEN, None), (FFN, 1)):
         x, blocks = neuron_features(ckpt, specs, sizes, key)
         weights = torch.cat([torch.full((w,), fits[key].blocks[name].weight, dtype=torch.float64) for name, w in blocks])

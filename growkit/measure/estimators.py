@@ -260,9 +260,12 @@ class KDE(Estimator):
         if not pca.rank:
             return torch.full((z.shape[0],), math.nan, dtype=torch.float64)
         var = pca.variances * self.bandwidth() ** 2
-        diff = (z[:, None, :] - pca.scores[None, :, :]) ** 2 / var
-        log_kernel = -0.5 * (diff.sum(-1) + torch.log(2 * math.pi * var).sum())
-        return torch.logsumexp(log_kernel, dim=1) - math.log(pca.n)
+        parts = []
+        for start in range(0, z.shape[0], 256):  # (points x atoms x r) a chunk of points at a time
+            diff = (z[start:start + 256, None, :] - pca.scores[None, :, :]) ** 2 / var
+            log_kernel = -0.5 * (diff.sum(-1) + torch.log(2 * math.pi * var).sum())
+            parts.append(torch.logsumexp(log_kernel, dim=1) - math.log(pca.n))
+        return torch.cat(parts) if parts else z.new_zeros(0)
 
 
 class Gaussian(Estimator):

@@ -19,6 +19,8 @@ from growkit.checkpoint.reader import Checkpoint
 from growkit.measure.estimators import DEFAULT_RANK, NeuronPCA
 from growkit.measure.features import AxisKey, Block, blocks_of, iter_tensors, kinds_of
 
+_CHUNK = 8192
+
 
 @dataclass
 class BlockFit:
@@ -55,10 +57,12 @@ class AxisFit:
         return sum(b.width for b in self.blocks.values())
 
     def add(self, block: Block) -> None:
-        f = block.features.to(torch.float64)
-        sq = float((f**2).sum())
+        f = block.features
+        sq = float((f.to(torch.float64) ** 2).sum())
         weight = math.sqrt(self.n / sq) if sq > 0 else 0.0
-        self.gram += (weight**2) * (f @ f.T)
+        for start in range(0, f.shape[1], _CHUNK):  # fp64 a slice at a time: an embedding can be 128k wide
+            part = f[:, start:start + _CHUNK].to(torch.float64)
+            self.gram += (weight**2) * (part @ part.T)
         self.blocks[block.name] = BlockFit(block.name, f.shape[1], weight, block.unit)
 
     def add_residual(self, block: Block) -> None:
@@ -77,19 +81,36 @@ class AxisFit:
 
 
 def fit_axes(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, keys: set[AxisKey],
-             rank: int = DEFAULT_RANK, residuals: bool = False) -> dict[AxisKey, AxisFit]:
-    """Fit every axis instance in `keys`: one pass for the Gram matrices (two with `residuals`)."""
-    fits = {key: AxisFit(key, sizes.axis(key[0]), torch.zeros(sizes.axis(key[0]), sizes.axis(key[0]),
-                                                                   dtype=torch.float64)) for key in keys}
+             rank: int = DEFAULT_RANK, residuals: bool = False, keep_gram: bool = False) -> dict[AxisKey, AxisFit]:
+    """Fit every axis instance in `keys`: one pass for the Gram matrices (two with `residuals`).
+
+    A per-layer axis's Gram is complete once the next layer starts; its PCA is taken then and the `n x n` Gram
+    dropped (unless `keep_gram`), so only one layer's Grams are held at a time.
+    """
+    fits: dict[AxisKey, AxisFit] = {}
     global_axis = any(key[1] is None for key in keys)
     layers = None if global_axis else {key[1] for key in keys if key[1] is not None}
     kinds = {key[0] for key in keys}
     specs = [s for s in specs if set(kinds_of(s)) & kinds and (s.per_layer or global_axis)]
+
+    def finish(fit: AxisFit) -> None:
+        fit.pca = NeuronPCA.from_gram(fit.gram, fit.dim, rank)
+        if not keep_gram:
+            fit.gram = torch.zeros(0, 0, dtype=torch.float64)
+
     for spec, layer, x in iter_tensors(ckpt, specs, sizes, layers):
+        if layer is not None:
+            for fit in fits.values():
+                if fit.pca is None and fit.key[1] is not None and fit.key[1] < layer:
+                    finish(fit)
         for block in blocks_of(x, spec, layer, sizes, keys):
+            if block.key not in fits:
+                n = sizes.axis(block.key[0])
+                fits[block.key] = AxisFit(block.key, n, torch.zeros(n, n, dtype=torch.float64))
             fits[block.key].add(block)
     for fit in fits.values():
-        fit.pca = NeuronPCA.from_gram(fit.gram, fit.dim, rank)
+        if fit.pca is None:
+            finish(fit)
     if residuals:
         for spec, layer, x in iter_tensors(ckpt, specs, sizes, layers):
             for block in blocks_of(x, spec, layer, sizes, keys):

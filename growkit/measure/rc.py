@@ -81,7 +81,7 @@ def _p_two_sided(obs: float, null: torch.Tensor) -> float:
 
 
 def _z(obs: float, null: torch.Tensor) -> float:
-    std = float(null.std())
+    std = float(null.std()) if null.numel() > 1 else 0.0
     return (obs - float(null.mean())) / std if std > 0 else 0.0
 
 

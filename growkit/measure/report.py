@@ -119,6 +119,17 @@ def _scan(ckpt: Checkpoint, units: str) -> tuple[list, dict[str, dict[str, np.nd
     return stats, samples
 
 
+def _axis_report(fit: AxisFit, rank: int, seed: int) -> AxisReport:
+    pca = NeuronPCA.from_gram(fit.gram, fit.dim, rank)
+    loglik, ll_rank = held_out_log_likelihood(fit.gram, fit.dim, rank=rank, seed=seed)
+    total = float(pca.spectrum.clamp(min=0).sum())
+    return AxisReport(axis=key_label(fit.key), kind=fit.key[0], layer=fit.key[1], neurons=fit.n, feature_dim=fit.dim,
+                      tensors=len(fit.blocks), rank=pca.rank, explained=pca.explained,
+                      effective_rank=pca.effective_rank(),
+                      spectrum=[float(v) / total for v in pca.spectrum[:16]] if total > 0 else [],
+                      loglik=loglik, loglik_rank=ll_rank)
+
+
 def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoint | None = None,
             out: str | Path | None = None, *, units: str = "mf", permutations: int = 199, max_dim: int = 256,
             rank: int = DEFAULT_RANK, seed: int = 0, plots: bool = True, config: Any = None,
@@ -133,35 +144,31 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     sizes = family.sizes(ckpt.config)
     specs = family.tensors(ckpt.config, ckpt.names())
     keys = _axis_keys(sizes)
-    fits = {k: AxisFit(k, sizes.axis(k[0]), torch.zeros(sizes.axis(k[0]), sizes.axis(k[0]), dtype=torch.float64))
-            for k in keys}
+    fits: dict[AxisKey, AxisFit] = {}  # created on first use, dropped once complete: one layer's Grams at a time
     tensors: list[TensorReport] = []
     samples: dict[str, dict[str, np.ndarray]] = {}
+    axes: dict[AxisKey, AxisReport] = {}
     tied = family.tied(ckpt.config)
     for spec, layer, x in iter_tensors(ckpt, specs, sizes):
+        if layer is not None:  # a layer's Gram matrices are complete once the next layer starts: report, drop
+            for key in [k for k in fits if k[1] is not None and k[1] < layer]:
+                axes[key] = _axis_report(fits.pop(key), rank, seed)
         st, sm = tensor_stats(x, spec, layer, sizes, units, tied)
         view = matrix_view(x * st.unit, spec)
         rc = rc_covariance_test(view[0], permutations, max_dim, seed) if view is not None else None
         tensors.append(TensorReport(**st.model_dump(), rc=rc))
         samples[st.name] = sm
-        for block in blocks_of(x, spec, layer, sizes, set(keys)):
+        for block in blocks_of(x, spec, layer, sizes, set(keys) - set(axes)):
+            if block.key not in fits:
+                n = sizes.axis(block.key[0])
+                fits[block.key] = AxisFit(block.key, n, torch.zeros(n, n, dtype=torch.float64))
             fits[block.key].add(block)
-
-    axes = []
-    for key in keys:
-        fit = fits[key]
-        pca = NeuronPCA.from_gram(fit.gram, fit.dim, rank)
-        loglik, ll_rank = held_out_log_likelihood(fit.gram, fit.dim, rank=rank, seed=seed)
-        total = float(pca.spectrum.clamp(min=0).sum())
-        axes.append(AxisReport(axis=key_label(key), kind=key[0], layer=key[1], neurons=fit.n, feature_dim=fit.dim,
-                               tensors=len(fit.blocks), rank=pca.rank, explained=pca.explained,
-                               effective_rank=pca.effective_rank(),
-                               spectrum=[float(v) / total for v in pca.spectrum[:16]] if total > 0 else [],
-                               loglik=loglik, loglik_rank=ll_rank))
+    for key in list(fits):
+        axes[key] = _axis_report(fits.pop(key), rank, seed)
 
     report = InspectReport(checkpoint=str(ckpt.source), model_type=ckpt.model_type, family=family.name,
                            sizes=sizes.as_dict(), units=units, permutations=permutations, max_dim=max_dim, seed=seed,
-                           tensors=tensors, axes=axes)
+                           tensors=tensors, axes=[axes[k] for k in keys])
     report._samples["source"] = samples
     if compare is not None:
         other = _open(compare, None, allow_pickle)
