@@ -7,8 +7,11 @@ import sys
 import typer
 
 from growkit.errors import GrowkitError
+from growkit.hub.push import push_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grow or shrink trained language-model checkpoints.")
+
+app.command("push")(push_command)
 
 
 def main() -> None:

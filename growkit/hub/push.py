@@ -1,0 +1,217 @@
+"""Upload a grown checkpoint to the Hugging Face Hub (`growkit push`).
+
+Why a wrapper around `HfApi.upload_folder`: a half-written or inconsistent checkpoint on the Hub is worse than none
+(people download it and get a load error), so the folder is checked first; and the library's multi-line HTTP errors
+become one line that says what to do. The token is only ever handed to `HfApi`: it is never printed, logged or put
+into an error message (messages are scrubbed of it anyway, in case a server echoes it back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+
+from growkit.errors import GrowkitError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_TRUE = {"1", "ON", "YES", "TRUE"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class PushResult:
+    """What was uploaded where; `commit_url` points at the commit on the Hub (or the endpoint given)."""
+
+    repo_id: str
+    commit_url: str
+    commit_oid: str
+    files: list[str] = field(default_factory=list)
+
+
+def check_checkpoint_folder(folder: Path) -> list[str]:
+    """Refuse a folder that would not load with `from_pretrained`; return its weight file names.
+
+    Complete means: config.json is a JSON object with a model_type; the weights are safetensors, either one
+    model.safetensors or an index whose weight_map names shards that all exist; every tensor the index maps to a
+    shard is in that shard's header and every tensor in a shard is in the index; no stray shard outside the index.
+    Only headers are read (safetensors keeps names and shapes in a JSON header), so this is cheap for any size.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GrowkitError(f"{folder}: not a directory")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise GrowkitError(f"{folder}: not a complete checkpoint: no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GrowkitError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise GrowkitError(f"{config_path}: not a model config (no model_type)")
+
+    single, index_path = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
+    if single.is_file() and index_path.is_file():
+        raise GrowkitError(f"{folder}: both {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}; remove the stale one")
+    if single.is_file():
+        if not _safetensors_names(single):
+            raise GrowkitError(f"{single}: holds no tensors")
+        return [WEIGHTS_NAME]
+    if not index_path.is_file():
+        found = sorted(p.name for p in folder.glob("*.bin")) or ["none"]
+        raise GrowkitError(
+            f"{folder}: not a complete checkpoint: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
+            f"(other weights: {', '.join(found)}; growkit pushes safetensors only)"
+        )
+
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("empty weight_map")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GrowkitError(f"{index_path}: not a safetensors index ({exc})") from None
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not isinstance(shard, str) or "/" in shard or not (folder / shard).is_file():
+            raise GrowkitError(f"{index_path}: names shard {shard!r}, which is not in {folder}")
+        in_shard = _safetensors_names(folder / shard)
+        expected = {name for name, where in weight_map.items() if where == shard}
+        if in_shard != expected:
+            missing, extra = sorted(expected - in_shard), sorted(in_shard - expected)
+            what = f"missing {missing[0]}" if missing else f"unlisted {extra[0]}"
+            raise GrowkitError(f"{folder / shard}: disagrees with {WEIGHTS_INDEX_NAME} ({what})")
+    stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in shards)
+    if stray:
+        raise GrowkitError(f"{folder}: {stray[0]} is not in {WEIGHTS_INDEX_NAME} (stale shard?)")
+    return shards
+
+
+def _safetensors_names(path: Path) -> set[str]:
+    """Tensor names from a safetensors header; a truncated or corrupt file is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return set(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GrowkitError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _offline() -> bool:
+    """True when the user asked for offline mode, also if they set the variable after huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    env = any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return env or constants.is_offline_mode()
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The token from the argument, else HF_TOKEN, else the huggingface_hub login; never echoed."""
+    from huggingface_hub import get_token
+
+    resolved = token or get_token()
+    if not resolved:
+        raise GrowkitError(
+            "no Hugging Face token: pass --token, set HF_TOKEN, or log in with `hf auth login` (needs write access)"
+        )
+    return resolved
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Create `repo_id` if needed (exist_ok) and upload `folder` in one commit; return where it landed.
+
+    `endpoint` is the Hub's base URL (default: HF_ENDPOINT or the public Hub). A `revision` other than main is
+    created as a branch first, because the Hub refuses commits to a branch that does not exist.
+    """
+    folder = Path(folder)
+    check_checkpoint_folder(folder)
+    if not _REPO_ID.match(repo_id or ""):
+        raise GrowkitError(f"repo id {repo_id!r}: expected NAMESPACE/NAME (e.g. your-user/tiny-gpt2-2x)")
+    if _offline():
+        raise GrowkitError("cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
+    secret = resolve_token(token)
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=secret)
+    where = api.endpoint
+    try:
+        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+        if revision and revision != "main" and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message or f"Upload {folder.name} with growkit",
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one scrubbed line; see _explain
+        raise GrowkitError(_scrub(_explain(exc, repo_id, where), secret)) from None
+    return PushResult(repo_id=repo_id, commit_url=str(info.commit_url), commit_oid=str(info.oid), files=_listed(folder))
+
+
+def _listed(folder: Path) -> list[str]:
+    """The files upload_folder sends: everything under `folder` except what the library always ignores (.git)."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+
+
+def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
+    """One line per failure kind, from the most telling exception in the chain (the library wraps some failures,
+    e.g. an LFS upload's HTTP error inside a RuntimeError); the library's own text only as the last resort."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, OfflineModeIsEnabled):
+            return "cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)"
+        if isinstance(err, HfHubHTTPError) and err.response is not None:
+            status = err.response.status_code
+            if status == 401:
+                return f"{endpoint} rejected the token (401 Unauthorized): check --token, HF_TOKEN or `hf auth login`"
+            if status == 403:
+                return f"the token may not write to {repo_id} (403 Forbidden): use a write token for that namespace"
+            detail = " ".join((err.server_message or "").split()) or err.response.reason_phrase
+            return f"push to {repo_id} failed: HTTP {status}: {detail}"
+        if type(err).__module__.startswith(("httpx", "httpcore")) or isinstance(err, ConnectionError):
+            return f"cannot reach {endpoint}: {' '.join(str(err).split())}"
+    return f"push to {repo_id} failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _scrub(message: str, secret: str) -> str:
+    return message.replace(secret, "***") if secret else message
+
+
+def push_command(
+    folder: Path = typer.Argument(..., help="Checkpoint directory (config.json + safetensors) to upload."),
+    repo_id: str = typer.Option(..., "--repo-id", help="NAMESPACE/NAME on the Hub; created if missing."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch to commit to (created if missing)."),
+    commit_message: str | None = typer.Option(None, "--commit-message", help="Commit title."),
+    token: str | None = typer.Option(
+        None, "--token", help="Hub token (prefer HF_TOKEN or `hf auth login`: a flag shows in the process list)."
+    ),
+    endpoint: str | None = typer.Option(None, "--endpoint", help="Hub base URL (default HF_ENDPOINT or the Hub)."),
+) -> None:
+    """Upload a checkpoint folder to the Hugging Face Hub (creates the repository if needed)."""
+    result = push(folder, repo_id, private, revision, commit_message, token, endpoint)
+    typer.echo(f"pushed {len(result.files)} files to {result.repo_id}: {result.commit_url}")
