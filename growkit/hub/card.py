@@ -39,13 +39,17 @@ _TRAINING_LABELS = {
 }
 
 
-def write_model_card(out_dir: Path, provenance: dict) -> Path:
-    """Write `out_dir/README.md` (front matter + body) from `provenance`; returns the path."""
+def write_model_card(out_dir: Path, provenance: dict, title: str | None = None) -> Path:
+    """Write `out_dir/README.md` (front matter + body) from `provenance`; returns the path.
+
+    The title defaults to one made from the provenance, not from `out_dir`'s name: the writer calls this inside its
+    temporary directory, whose name is not the checkpoint's.
+    """
     from huggingface_hub import ModelCard
 
     out_dir = Path(out_dir)
     data = card_data(provenance)
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(provenance, name=out_dir.name)}")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_body(provenance, title)}")
     path = out_dir / "README.md"
     card.save(path)
     return path
@@ -92,18 +96,17 @@ def source_license(source_path: str | None) -> str | None:
     return license_ if isinstance(license_, str) else None
 
 
-def card_body(provenance: dict, name: str | None = None) -> str:
+def card_body(provenance: dict, title: str | None = None) -> str:
     """Markdown body: what was grown from what, how, how faithfully, what training followed, how to reproduce."""
     source = provenance.get("source") or {}
-    grew = provenance.get("kind", "grow") != "shrink"
-    origin = f"`{source['hub_id']}`" if source.get("hub_id") else (
-        f"`{Path(source['path']).name}`" if source.get("path") else "an unnamed checkpoint"
-    )
-    parts = [f"# {name or 'growkit checkpoint'}", ""]
+    verb = "grown" if provenance.get("kind", "grow") != "shrink" else "shrunk"
+    source_name = source.get("hub_id") or (Path(source["path"]).name if source.get("path") else "an unnamed checkpoint")
+    title = title or f"{source_name}, {verb} with growkit ({provenance.get('operator')})"
+    parts = [f"# {title}", ""]
     parts.append(
-        f"This {source.get('model_type') or 'model'} checkpoint was {'grown' if grew else 'shrunk'} zero-shot from "
-        f"{origin} with growkit {provenance.get('growkit_version', '')}"
-        ": its weights were computed from the source's weights, not trained from scratch."
+        f"This {source.get('model_type') or 'model'} checkpoint was {verb} zero-shot from `{source_name}` with "
+        f"growkit {provenance.get('growkit_version', '')}: its weights were computed from the source's weights, "
+        "not trained from scratch."
     )
     parts += ["", "## Sizes", "", _sizes_table(provenance.get("sizes") or {}, provenance.get("parameters"))]
     parts += ["", "## Method", "", _method(provenance)]
@@ -147,6 +150,10 @@ def _method(provenance: dict) -> str:
     lines = [f"- operator: `{provenance.get('operator', 'unknown')}`"]
     if provenance.get("depth_method"):
         lines.append(f"- depth method: `{provenance['depth_method']}`")
+    if provenance.get("layer_map") and provenance.get("depth_method"):
+        lines.append(f"- source layer of each new layer: {provenance['layer_map']}")
+    if provenance.get("identity_layers"):
+        lines.append(f"- layers initialised as identity (residual writers zeroed): {provenance['identity_layers']}")
     lines.append(f"- seed: {options.pop('seed', 'not recorded')}")
     for key in sorted(options):
         if options[key] is not None:
@@ -158,9 +165,11 @@ def _verification(verification: dict | None) -> str:
     if not verification:
         return "Not measured for this checkpoint (`growkit grow --verify` measures it)."
     lines = ["Grown model vs. source on the same input (fp32):", ""]
-    labels = {"max_abs_dlogits": "max \\|Δlogits\\|", "dloss": "Δloss"}
+    labels = {"max_abs_dlogits": "max \\|Δlogits\\|", "dloss": "Δloss (grown − source)", "source_loss": "source loss",
+              "grown_loss": "grown loss", "tokens": "input tokens"}
     for key, value in verification.items():
-        lines.append(f"- {labels.get(key, key)}: {_num(value)}")
+        if value is not None and value != []:
+            lines.append(f"- {labels.get(key, key)}: {_num(value)}")
     return "\n".join(lines)
 
 
@@ -193,9 +202,24 @@ def _reproduce(provenance: dict) -> str:
     if command and command != "python api":
         lines += ["```bash", command, "```"]
     elif not recipe:
-        options = json.dumps(provenance.get("options") or {}, sort_keys=True)
-        lines.append(f"Made with the Python API (`growkit.grow`); options: `{options}`.")
+        lines += ["Made with the Python API; the equivalent call:", "", "```python", _api_call(provenance), "```"]
     return "\n".join(lines).rstrip()
+
+
+def _api_call(provenance: dict) -> str:
+    """`growkit.grow(...)` with every changed size spelled out, so it reproduces the growth from the card alone."""
+    source = (provenance.get("source") or {}).get("path") or "SOURCE"
+    args = [repr(source)]
+    for axis, pair in (provenance.get("sizes") or {}).items():
+        if axis in ("hidden", "ffn", "heads", "kv_heads", "layers") and pair and pair[0] != pair[1]:
+            args.append(f"{axis}={pair[1]}")
+    args.append(f"method={provenance.get('operator')!r}")
+    if provenance.get("depth_method"):
+        args.append(f"depth_method={provenance['depth_method']!r}")
+    options = provenance.get("options") or {}
+    args += [f"{k}={options[k]!r}" for k in ("seed", "noise_snr_db") if options.get(k) is not None]
+    fn = "shrink" if provenance.get("kind") == "shrink" else "grow"
+    return f"import growkit\n\ngrowkit.{fn}({', '.join(args)})"
 
 
 def load_provenance(out_dir: Path) -> dict:

@@ -19,8 +19,6 @@ import typer
 from growkit.errors import GrowkitError
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -36,71 +34,51 @@ class PushResult:
 
 
 def check_checkpoint_folder(folder: Path) -> list[str]:
-    """Refuse a folder that would not load with `from_pretrained`; return its weight file names.
+    """Refuse a folder that would not load with `from_pretrained`, or that carries stale weights; return its weight
+    file names.
 
-    Complete means: config.json is a JSON object with a model_type; the weights are safetensors, either one
-    model.safetensors or an index whose weight_map names shards that all exist; every tensor the index maps to a
-    shard is in that shard's header and every tensor in a shard is in the index; no stray shard outside the index.
-    Only headers are read (safetensors keeps names and shapes in a JSON header), so this is cheap for any size.
+    The reader (growkit.checkpoint) already checks that config.json parses, that every shard header is readable and
+    that the index names existing shards and tensors. A push must be stricter than a read: config.json with a
+    model_type, one safetensors layout (not loose files, not both), no shard outside the index, and each shard
+    holding exactly the tensors the index assigns to it. Only headers are read, so this is cheap for any size.
     """
+    from safetensors import safe_open
+
+    from growkit.checkpoint.reader import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_checkpoint
+
     folder = Path(folder)
     if not folder.is_dir():
         raise GrowkitError(f"{folder}: not a directory")
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise GrowkitError(f"{folder}: not a complete checkpoint: no {CONFIG_NAME}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GrowkitError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or not config.get("model_type"):
-        raise GrowkitError(f"{config_path}: not a model config (no model_type)")
-
     single, index_path = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
     if single.is_file() and index_path.is_file():
         raise GrowkitError(f"{folder}: both {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}; remove the stale one")
-    if single.is_file():
-        if not _safetensors_names(single):
-            raise GrowkitError(f"{single}: holds no tensors")
-        return [WEIGHTS_NAME]
-    if not index_path.is_file():
-        found = sorted(p.name for p in folder.glob("*.bin")) or ["none"]
+    if not single.is_file() and not index_path.is_file():
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".safetensors")) or ["none"]
         raise GrowkitError(
             f"{folder}: not a complete checkpoint: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
-            f"(other weights: {', '.join(found)}; growkit pushes safetensors only)"
+            f"(other weights: {', '.join(found)}; growkit pushes safetensors checkpoints only)"
         )
+    ckpt = load_checkpoint(folder)
+    _ = ckpt.model_type  # raises when config.json has none: AutoModel could not load it
+    if single.is_file():
+        return [WEIGHTS_NAME]
 
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError("empty weight_map")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GrowkitError(f"{index_path}: not a safetensors index ({exc})") from None
+    weight_map: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     shards = sorted(set(weight_map.values()))
+    stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in shards)
+    if stray:
+        raise GrowkitError(f"{folder}: {stray[0]} is not in {WEIGHTS_INDEX_NAME} (stale shard?)")
     for shard in shards:
-        if not isinstance(shard, str) or "/" in shard or not (folder / shard).is_file():
-            raise GrowkitError(f"{index_path}: names shard {shard!r}, which is not in {folder}")
-        in_shard = _safetensors_names(folder / shard)
+        with safe_open(str(folder / shard), framework="pt") as handle:
+            in_shard = set(handle.keys())
         expected = {name for name, where in weight_map.items() if where == shard}
         if in_shard != expected:
             missing, extra = sorted(expected - in_shard), sorted(in_shard - expected)
             what = f"missing {missing[0]}" if missing else f"unlisted {extra[0]}"
             raise GrowkitError(f"{folder / shard}: disagrees with {WEIGHTS_INDEX_NAME} ({what})")
-    stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in shards)
-    if stray:
-        raise GrowkitError(f"{folder}: {stray[0]} is not in {WEIGHTS_INDEX_NAME} (stale shard?)")
     return shards
-
-
-def _safetensors_names(path: Path) -> set[str]:
-    """Tensor names from a safetensors header; a truncated or corrupt file is refused."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return set(handle.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise GrowkitError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _offline() -> bool:
