@@ -8,10 +8,12 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.hub.push import push_command
+from growkit.recipe import run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grow or shrink trained language-model checkpoints.")
 
 app.command("push")(push_command)
+app.command("run")(run_command)
 
 
 def main() -> None:

@@ -57,3 +57,35 @@ def tiny_llama(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out, max_shard_size="20KB")
     tok.save_pretrained(out)
     return out
+
+
+# --- a local Hub (tests/localhub.py) and an environment that cannot leak a real token or reach the network ---
+from localhub import PROXY_VARS, READ_TOKEN, TOKEN  # noqa: E402
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """No token from the developer's machine, Xet off (the local server speaks LFS), no proxy for 127.0.0.1."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", *PROXY_VARS):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    # huggingface_hub reads these at import time; the env above covers subprocesses, these cover this process.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    close_session()  # a fresh HTTP client that sees the proxy settings above
+    yield tmp_path
+    close_session()
+
+
+@pytest.fixture
+def hub(hub_env):
+    from localhub import LocalHub
+
+    with LocalHub(tokens={TOKEN: "write", READ_TOKEN: "read"}) as server:
+        yield server

@@ -22,6 +22,9 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 REPO = r"(?P<repo>[^/]+/[^/]+?)"
+TOKEN = "hf_growkitTestToken0123456789abcdef"  # write access on every LocalHub the tests start
+READ_TOKEN = "hf_readOnlyToken0123456789abcdefgh"  # read-only: writes get 403
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
 @dataclass

@@ -5,47 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from growkit.errors import GrowkitError
 from growkit.hub.push import check_checkpoint_folder, push
-from localhub import LocalHub
-
-TOKEN = "hf_growkitTestToken0123456789abcdef"
-READ_TOKEN = "hf_readOnlyToken0123456789abcdefgh"
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
-
-
-@pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """No token from the developer's machine, Xet off (the local server speaks LFS), no proxy for 127.0.0.1."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import close_session
-
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", *PROXY_VARS):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    # huggingface_hub reads these at import time; the env above covers subprocesses, these cover this process.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    close_session()  # a fresh HTTP client that sees the proxy settings above
-    yield tmp_path
-    close_session()
-
-
-@pytest.fixture
-def hub(hub_env):
-    with LocalHub(tokens={TOKEN: "write", READ_TOKEN: "read"}) as server:
-        yield server
+from cli_helper import run_cli
+from localhub import READ_TOKEN, TOKEN, LocalHub
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
@@ -231,22 +199,15 @@ def test_incomplete_checkpoint_is_refused_before_any_request(hub, tiny_llama, tm
     assert hub.requests == []
 
 
-def _cli(args: list[str], extra_env: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS and k != "HF_TOKEN"}
-    env.update(extra_env)
-    return subprocess.run([sys.executable, "-m", "growkit.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
-
-
 def test_cli_push_success_and_401(hub, hub_env, tiny_gpt2):
     env = {"HF_TOKEN": TOKEN, "HF_HOME": str(hub_env / "hf_home"), "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1"}
-    ok = _cli(["push", str(tiny_gpt2), "--repo-id", "alice/cli", "--endpoint", hub.endpoint], env)
+    ok = run_cli(["push", str(tiny_gpt2), "--repo-id", "alice/cli", "--endpoint", hub.endpoint], env)
     assert ok.returncode == 0, ok.stderr
     assert f"to alice/cli: {hub.endpoint}/alice/cli/commit/" in ok.stdout
     assert hub.files("alice/cli") == local_files(tiny_gpt2)
 
     bad = "hf_cliWrongToken00000000000000000"
-    denied = _cli(["push", str(tiny_gpt2), "--repo-id", "alice/cli2", "--endpoint", hub.endpoint, "--token", bad], env)
+    denied = run_cli(["push", str(tiny_gpt2), "--repo-id", "alice/cli2", "--endpoint", hub.endpoint, "--token", bad], env)
     assert denied.returncode == 2
     assert denied.stderr.startswith("error: ") and "401 Unauthorized" in denied.stderr
     assert "Traceback" not in denied.stderr
