@@ -289,7 +289,7 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
     grow_opts = recipe.grow.model_dump()
 
     from growkit.checkpoint.reader import load_checkpoint
-    from growkit.grow import grow, plan_growth
+    from growkit.pipeline import grow, plan_growth
 
     # The same planning growkit.grow does first: config, tensor headers, sizes, operator; no weights are read.
     ckpt = load_checkpoint(source, config=recipe.grow.config, allow_pickle=recipe.grow.allow_pickle)

@@ -1,91 +1,59 @@
-"""Shared fixtures for the hub/recipe tests: tiny real checkpoints written with save_pretrained (no downloads)."""
+"""Tiny real `transformers` models, saved as real checkpoints, for every family growkit supports."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+import transformers as T
+
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def _tiny_tokenizer():
-    """A byte-level BPE trained in-process on a few lines of Python, saved as HF PreTrainedTokenizerFast files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = Path(__file__).read_text(encoding="utf-8")
-    tok.train_from_iterator([text] * 4, trainer=trainer)
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory) -> Path:
-    """A 2-layer GPT-2 (hidden 32, 4 heads) with random weights, tokenizer files and a license in its README."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    tok = _tiny_tokenizer()
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    out = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny source\n", encoding="utf-8")
-    return out
+def tiny_config(name: str) -> T.PretrainedConfig:
+    """Configs small enough for milliseconds per forward pass, covering tied/untied heads, GQA and q/k/v bias."""
+    llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
+    return {
+        "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
+                                     eos_token_id=0, **NO_DROPOUT),
+        "gpt2-untied": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
+                                            bos_token_id=0, eos_token_id=0, tie_word_embeddings=False, **NO_DROPOUT),
+        "llama-gqa4": lambda: T.LlamaConfig(num_attention_heads=4, num_key_value_heads=1, **llama),
+        "llama-mha": lambda: T.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **llama),
+        "llama-tied": lambda: T.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                            **llama),
+        "mistral": lambda: T.MistralConfig(num_attention_heads=4, num_key_value_heads=2, **llama),
+        "qwen2": lambda: T.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **llama),
+    }[name]()
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 32, 4 q / 2 kv heads), sharded into several safetensors files with an index."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out, max_shard_size="20KB")
-    tok.save_pretrained(out)
-    return out
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial norm gains and biases, so that a bug in how growth treats them cannot hide behind ones and zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
 
 
-# --- a local Hub (tests/localhub.py) and an environment that cannot leak a real token or reach the network ---
-from localhub import PROXY_VARS, READ_TOKEN, TOKEN  # noqa: E402
+def save_tiny(name: str, path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = randomize(T.AutoModelForCausalLM.from_config(tiny_config(name)), seed)
+    model.save_pretrained(path)
+    return path
 
 
 @pytest.fixture
-def hub_env(monkeypatch, tmp_path):
-    """No token from the developer's machine, Xet off (the local server speaks LFS), no proxy for 127.0.0.1."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import close_session
+def tiny(tmp_path: Path):
+    """Factory: `tiny("llama-gqa4")` -> path of a saved checkpoint directory."""
 
-    for var in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", *PROXY_VARS):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    # huggingface_hub reads these at import time; the env above covers subprocesses, these cover this process.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    close_session()  # a fresh HTTP client that sees the proxy settings above
-    yield tmp_path
-    close_session()
+    def make(name: str, seed: int = 0) -> Path:
+        return save_tiny(name, tmp_path / f"src-{name}", seed)
 
-
-@pytest.fixture
-def hub(hub_env):
-    from localhub import LocalHub
-
-    with LocalHub(tokens={TOKEN: "write", READ_TOKEN: "read"}) as server:
-        yield server
+    return make

@@ -8,6 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from growkit.hub.card import write_model_card
+from hub_fixtures import tiny_gpt2  # noqa: F401 (fixtures)
 
 
 def provenance(source_path: str, hub_id: str | None = "openai-community/gpt2") -> dict:
@@ -93,7 +94,7 @@ def test_card_for_recipe_and_shrink(tmp_path):
 def test_grow_writes_the_card_into_its_output(tmp_path, tiny_gpt2):
     """The core writer calls write_model_card inside its temporary directory; the card must survive the rename and
     must not be titled after the temporary directory."""
-    from growkit.grow import grow
+    from growkit.pipeline import grow
 
     result = grow(tiny_gpt2, tmp_path / "grown", width=2, quiet=True, base_model="acme/tiny")
     card = ModelCard.load(result.out_dir / "README.md")

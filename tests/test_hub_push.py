@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from growkit.errors import GrowkitError
+from hub_fixtures import hub, hub_env, tiny_gpt2, tiny_llama  # noqa: F401 (fixtures)
 from growkit.hub.push import check_checkpoint_folder, push
 from cli_helper import run_cli
 from localhub import READ_TOKEN, TOKEN, LocalHub

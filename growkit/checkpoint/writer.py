@@ -158,16 +158,22 @@ class CheckpointWriter:
     def copy_file(self, src: Path, name: str | None = None) -> None:
         shutil.copyfile(src, self.tmp / (name or src.name))
 
-    def commit(self) -> Path:
-        """Finish the last shard, write the index, and move the directory into place."""
+    def finish_weights(self) -> None:
+        """Close the last shard and write the index, so the temporary directory loads (e.g. to verify it)."""
         if self._next != len(self._order):
             raise RuntimeError(f"writer got {self._next} of {len(self._order)} tensors")
+        if self._fh is None and (self.tmp / self.files[-1]).exists():
+            return
         self._close_shard()
         if len(self.files) > 1:
             weight_map = {e.name: f for f, shard in zip(self.files, self.shards) for e in shard}
             total = sum(e.nbytes for e in self._order)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             self.add_file(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def commit(self) -> Path:
+        """Finish the weights and move the directory into place in one rename."""
+        self.finish_weights()
         (self.tmp / ".incomplete").unlink()
         _fsync_dir(self.tmp)
         if self.out.exists():

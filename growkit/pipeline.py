@@ -221,6 +221,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
     with CheckpointWriter(out, entries, parse_size(max_shard_size), metadata, overwrite=overwrite) as writer:
         for entry, tensor in grown_tensors(growth, out_dtype, quiet=quiet, allow_nonfinite=allow_nonfinite):
             writer.add(entry.name, tensor)
+        writer.finish_weights()
         writer.add_file("config.json", json.dumps(new_config, indent=2, sort_keys=True) + "\n")
         if ckpt.root is not None:
             copy_support_files(ckpt.root, writer)
