@@ -27,7 +27,7 @@ import inspect
 import json
 import os
 import shlex
-import sys
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -306,15 +306,20 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
     for target in {grown_out, out}:
         if target.exists() and not recipe.overwrite:
             raise GrowkitError(f"{target}: output already exists (set overwrite: true or pass --overwrite)")
+    if recipe.train is not None and out.exists():
+        if not (out / "growkit.json").is_file():
+            raise GrowkitError(f"{out}: exists and is not a growkit output; refusing to replace it")
     if dry_run:
         return result
+    if recipe.train is not None and out.exists():
+        shutil.rmtree(out)  # growkit.train refuses a directory that holds an earlier run; overwrite was asked for
 
     grown = grow(source, grown_out, **grow_opts, overwrite=recipe.overwrite, quiet=quiet,
                  base_model=recipe.base_model, command=command)
     provenance = grown.provenance
     cache = out.parent / f".{out.name}-data"  # stdlib text written once for training and evaluation
     if recipe.train is not None:
-        provenance["training"] = _train(recipe, grown.out_dir, out, cache, quiet)
+        provenance = _train(recipe, grown.out_dir, out, cache, quiet)
     if recipe.eval is not None:
         compare = source if recipe.eval.compare_source else None
         result.evaluation = provenance["evaluation"] = evaluate_recipe(recipe.eval, out, compare, cache)
@@ -381,24 +386,23 @@ def _materialise(paths: list[str], cache: Path, max_bytes: int | None) -> list[s
 
 
 def _train(recipe: Recipe, grown: Path, out: Path, cache: Path, quiet: bool) -> dict[str, Any]:
+    """Continue training the grown checkpoint into `out`; returns its provenance, which growkit.train completes
+    with a "training" summary (steps, losses, µP base, settings)."""
+    from growkit.hub.card import load_provenance
     from growkit.train import train
 
     options = dict(recipe.train or {})
-    data = options.pop("data")
-    options["data"] = _materialise(data if isinstance(data, list) else [data], cache, None)
-    if options.get("eval_data"):
-        ev = options.pop("eval_data")
-        options["eval_data"] = _materialise(ev if isinstance(ev, list) else [ev], cache, None)
+    for key in ("data", "eval_data"):
+        if options.get(key):
+            value = options[key]
+            options[key] = _materialise(value if isinstance(value, list) else [value], cache, None)
     options.setdefault("quiet", quiet)
-    res = train(grown, out=out, **options)
-    return {
-        "steps": res.steps,
-        "final_train_loss": res.train_loss,
-        "final_val_loss": res.eval_loss,
-        "lr": options.get("lr"),
-        "mup": options.get("mup", "auto"),
-        "data": ", ".join(str(d) for d in data) if isinstance(data, list) else str(data),
-    }
+    result = train(grown, out=out, **options)
+    provenance = load_provenance(out)
+    if not provenance.get("training"):  # a growkit.train that records no summary: keep what it returned
+        provenance["training"] = {"steps": result.steps, "train_loss": result.train_loss,
+                                  "eval_loss": result.eval_loss}
+    return provenance
 
 
 def evaluate_recipe(spec: EvalSection, model_dir: Path, source: Path | None, cache: Path) -> dict[str, Any]:

@@ -32,7 +32,8 @@ def provenance(source_path: str, hub_id: str | None = "openai-community/gpt2") -
 
 def test_card_front_matter_and_body(tmp_path, tiny_gpt2):
     prov = provenance(str(tiny_gpt2))
-    prov["training"] = {"steps": 300, "final_train_loss": 2.5125, "final_val_loss": 2.6, "mup": True}
+    prov["training"] = {"steps": 300, "tokens": 614400, "train_loss": 2.5125, "eval_loss": 2.6, "mup": True,
+                        "data": ["/data/stdlib-train.txt"], "config": {"lr": 0.003, "batch_size": 16, "seq_len": 128}}
     prov["evaluation"] = {"loss": 2.71, "source_loss": 2.93, "tokens": 4096, "data": "stdlib val split"}
     out = tmp_path / "grown"
     out.mkdir()
@@ -56,7 +57,9 @@ def test_card_front_matter_and_body(tmp_path, tiny_gpt2):
     assert "- seed: 7" in body and "- noise_snr_db: 30.0" in body
     assert "max \\|Δlogits\\|: 2.4e-07" in body and "Δloss (grown − source): -3.1e-08" in body
     assert "missing_keys" not in body  # empty lists are noise
-    assert "- steps: 300" in body and "- final training loss: 2.5125" in body and "- final validation loss: 2.6" in body
+    assert "- optimizer steps: 300" in body and "- tokens seen: 614,400" in body
+    assert "- final training loss (mean of the last 20 steps): 2.5125" in body and "- final validation loss: 2.6" in body
+    assert "- training data: `stdlib-train.txt`" in body and "- settings: lr=0.003, batch_size=16, seq_len=128" in body
     assert "- this model: 2.71" in body and "- source model: 2.93" in body and "on 4,096 tokens of stdlib val split" in body
     assert "```bash\ngrowkit grow src --width 2x --layers 4 --method net2net --seed 7\n```" in body
 
@@ -96,12 +99,14 @@ def test_grow_writes_the_card_into_its_output(tmp_path, tiny_gpt2):
     must not be titled after the temporary directory."""
     from growkit.pipeline import grow
 
-    result = grow(tiny_gpt2, tmp_path / "grown", width=2, quiet=True, base_model="acme/tiny")
+    result = grow(tiny_gpt2, tmp_path / "grown", width=2, verify=True, quiet=True, base_model="acme/tiny")
     card = ModelCard.load(result.out_dir / "README.md")
     assert card.data.base_model == "acme/tiny" and card.data.license == "apache-2.0"
     assert card.text.strip().splitlines()[0] == "# acme/tiny, grown with growkit (clone)"
     assert ".growkit-tmp" not in card.text
     assert "| hidden | 32 | 64 | 2x |" in card.text and "| heads | 4 | 8 | 2x |" in card.text
+    dlogits = result.provenance["verification"]["max_abs_dlogits"]
+    assert dlogits < 1e-5 and f"- max \\|Δlogits\\|: {dlogits:.3g}" in card.text
 
 
 @pytest.mark.parametrize("bad", ["---\nlicense: [unclosed\n---\n", "no front matter at all\n"])

@@ -45,16 +45,19 @@ def test_upload_single_file_checkpoint_arrives_byte_identical(hub, tiny_gpt2):
     assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests if r.method != "PUT")
 
 
-def test_upload_sharded_checkpoint_to_new_branch_of_existing_private_repo(hub, tiny_llama):
+def test_upload_sharded_checkpoint_to_new_branch_of_existing_private_repo(hub, tiny_llama, tmp_path):
     push(tiny_llama, "org/tiny-llama", private=True, token=TOKEN, endpoint=hub.endpoint)
     assert hub.repos["org/tiny-llama"].private is True
-    copy = tiny_llama.parent / "llama-copy"
+    copy = tmp_path / "llama-copy"
     shutil.copytree(tiny_llama, copy)
     (copy / "NOTES.txt").write_text("second upload\n")
+    for junk in (".data-cache/abc.bin", "checkpoint-100/optimizer.bin", "sub/.hidden", ".incomplete"):
+        (copy / junk).parent.mkdir(parents=True, exist_ok=True)
+        (copy / junk).write_bytes(b"not for the Hub")
 
     push(copy, "org/tiny-llama", revision="dev", token=TOKEN, endpoint=hub.endpoint)  # repo exists: 409 is fine
 
-    assert hub.files("org/tiny-llama", "dev") == local_files(copy)
+    assert hub.files("org/tiny-llama", "dev") == {**local_files(tiny_llama), "NOTES.txt": b"second upload\n"}
     assert "NOTES.txt" not in hub.files("org/tiny-llama", "main")
     assert hub.files("org/tiny-llama", "main") == local_files(tiny_llama)
     shards = [n for n in local_files(tiny_llama) if n.endswith(".safetensors")]

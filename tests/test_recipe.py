@@ -199,4 +199,60 @@ def test_no_push_override_skips_the_push(hub, tiny_gpt2, tmp_path):
     path = write(tmp_path, f"source: {tiny_gpt2}\ngrow: {{width: 2}}\npush: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
     result = run_recipe(path, overrides={"push": None, "out": str(tmp_path / "o")}, quiet=True)
     assert result.pushed is None and hub.requests == []
-    assert json.loads((tmp_path / "o" / "growkit.json").read_text())["command"].endswith("--no-push")
+    command = json.loads((tmp_path / "o" / "growkit.json").read_text())["command"]
+    assert command == f"growkit run {path} --no-push --out {tmp_path / 'o'}"
+
+
+# --- the shipped tiny recipes, run in full on the bundled models -----------------------------------------------------
+
+@pytest.mark.parametrize("name,layers,identity", [("tiny-gpt2-width2x", [2, 2], []),
+                                                  ("tiny-llama-width2x-identity-depth", [2, 4], [1, 3])])
+def test_shipped_tiny_recipe_runs(tmp_path, monkeypatch, name, layers, identity):
+    monkeypatch.chdir(tmp_path)
+    result = run_recipe(RECIPES / f"{name}.yaml", quiet=True)
+
+    out = tmp_path / "out" / name  # the documented default output
+    assert result.out_dir == out
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "growkit.json", "README.md"):
+        assert (out / f).is_file(), f
+    prov = json.loads((out / "growkit.json").read_text())
+    assert prov["sizes"]["hidden"] == [64, 128] and prov["sizes"]["layers"] == layers
+    assert prov["identity_layers"] == identity
+    assert prov["verification"]["max_abs_dlogits"] < 1e-4
+    ev = prov["evaluation"]
+    assert ev["tokens"] == 64 * 127
+    # A trained model (the bundled ones start at 7.64 and end near 3.5-3.8 on this text), and growth kept it exact.
+    assert 2.0 < ev["source_loss"] < 5.0
+    assert abs(ev["loss"] - ev["source_loss"]) < 1e-4
+    assert prov["command"] == f"growkit run {RECIPES / name}.yaml"
+    assert prov["recipe"]["source"] == f"../models/{name.split('-width')[0]}"
+    card = ModelCard.load(out / "README.md")
+    assert {"growkit", "model-growth"} <= set(card.data.tags)
+    assert f"- this model: {ev['loss']:.4f}".rstrip("0") in card.text or f"{ev['loss']:.4f}" in card.text
+
+
+def test_recipe_with_training(tmp_path, tiny_gpt2):
+    """grow -> growkit.train -> eval: the card gets the training summary; training lowers the validation loss."""
+    text = REPO / "growkit" / "recipe.py"  # real text the tiny tokenizer has never been trained to fit
+    path = write(tmp_path, f"""
+source: {tiny_gpt2}
+out: trained
+grow: {{width: 2, noise_snr_db: 20}}
+train: {{data: [{text}], steps: 30, lr: 0.003, batch_size: 4, seq_len: 32, seed: 0}}
+eval: {{data: [{text}], seq_len: 32, blocks: 16}}
+""")
+    result = run_recipe(path, quiet=True)
+    out = tmp_path / "trained"
+    assert (tmp_path / "trained-grown" / "model.safetensors").is_file()  # the grown, untrained checkpoint is kept
+    prov = json.loads((out / "growkit.json").read_text())
+    assert prov["training"]["steps"] == 30
+    assert prov["evaluation"]["loss"] < prov["evaluation"]["source_loss"] - 0.5  # it learned this text
+    card = ModelCard.load(out / "README.md").text
+    assert "## Training after growth" in card and "- optimizer steps: 30" in card
+    assert result.evaluation == prov["evaluation"]
+
+
+def test_unknown_train_option_names_the_field(tmp_path):
+    path = write(tmp_path, "grow: {width: 2}\ntrain: {data: [x.txt], stepz: 3}\n")
+    with pytest.raises(GrowkitError, match=r"r\.yaml: train\.stepz: not an option of growkit\.train \(options: .*steps"):
+        load_recipe(path)

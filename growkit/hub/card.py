@@ -5,8 +5,9 @@ was preserved, and how to make it again. The YAML front matter comes from `huggi
 Hub's model tree links the checkpoint to its source (`base_model`) when the source's Hub id is known.
 
 Provenance keys beyond the core format (CONTRACT.md), all optional:
-  "training":   {"steps": int, "tokens": int, "final_train_loss": float, "final_val_loss": float, "lr": float,
-                 "mup": bool, "data": str, "seconds": float, ...}   (the summary growkit.train returns)
+  "training":   the summary growkit.train writes into growkit.json: {"steps", "tokens", "train_loss" (mean of the
+                 last 20 steps), "eval_loss", "elapsed_s", "mup", "mup_base", "data", "eval_data",
+                 "config": {"lr", "batch_size", "seq_len", "schedule", ...}}
   "evaluation": {"loss": float, "source_loss": float, "tokens": int, "seq_len": int, "data": str}
   "recipe":     the recipe that made the checkpoint, as a dict (shown as YAML under "Reproduce")
   "source": {"license": str} overrides the license read from the source's own README.md.
@@ -28,15 +29,18 @@ AXES = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "layers", "vocab")
 # whose weights come from the base, which the Hub files under "finetune".
 BASE_MODEL_RELATION = "finetune"
 _TRAINING_LABELS = {
-    "steps": "steps",
+    "steps": "optimizer steps",
     "tokens": "tokens seen",
-    "final_train_loss": "final training loss",
-    "final_val_loss": "final validation loss",
-    "lr": "learning rate",
+    "train_loss": "final training loss (mean of the last 20 steps)",
+    "eval_loss": "final validation loss",
+    "elapsed_s": "wall time (s)",
+    "processes": "processes",
     "mup": "µP learning-rate groups",
-    "data": "data",
-    "seconds": "wall time (s)",
+    "mup_base": "µP base shapes from",
+    "data": "training data",
+    "eval_data": "validation data",
 }
+_TRAINING_CONFIG = ("lr", "batch_size", "grad_accum", "seq_len", "schedule", "warmup", "weight_decay", "seed")
 
 
 def write_model_card(out_dir: Path, provenance: dict, title: str | None = None) -> Path:
@@ -175,9 +179,16 @@ def _verification(verification: dict | None) -> str:
 
 def _training(training: dict) -> str:
     lines = []
-    for key, value in training.items():
-        if value is not None and not isinstance(value, (dict, list)):
-            lines.append(f"- {_TRAINING_LABELS.get(key, key)}: {_num(value)}")
+    for key, label in _TRAINING_LABELS.items():
+        value = training.get(key)
+        if isinstance(value, list):
+            value = ", ".join(f"`{Path(str(v)).name}`" for v in value) or None
+        if value is not None:
+            lines.append(f"- {label}: {_num(value)}")
+    config = training.get("config") or {}
+    settings = [f"{k}={config[k]}" for k in _TRAINING_CONFIG if config.get(k) is not None]
+    if settings:
+        lines.append(f"- settings: {', '.join(settings)}")
     return "\n".join(lines) or "Trained after growth (no summary recorded)."
 
 

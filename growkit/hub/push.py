@@ -19,6 +19,10 @@ import typer
 from growkit.errors import GrowkitError
 
 CONFIG_NAME = "config.json"
+# Never uploaded: hidden files and folders (growkit's temporary and data-cache folders, .incomplete markers) and
+# training checkpoints (optimizer state for resuming, several times the model's size). The model, its tokenizer,
+# card, provenance and training metrics are what a Hub repository is for.
+PUSH_IGNORE = [".*", "*/.*", "checkpoint-*"]
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -112,6 +116,8 @@ def push(
 ) -> PushResult:
     """Create `repo_id` if needed (exist_ok) and upload `folder` in one commit; return where it landed.
 
+    Hidden files and folders and `checkpoint-*` training states are not uploaded (PUSH_IGNORE).
+
     `endpoint` is the Hub's base URL (default: HF_ENDPOINT or the public Hub). A `revision` other than main is
     created as a branch first, because the Hub refuses commits to a branch that does not exist.
     """
@@ -136,6 +142,7 @@ def push(
             repo_id=repo_id,
             revision=revision,
             commit_message=commit_message or f"Upload {folder.name} with growkit",
+            ignore_patterns=list(PUSH_IGNORE),
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes one scrubbed line; see _explain
         raise GrowkitError(_scrub(_explain(exc, repo_id, where), secret)) from None
@@ -143,11 +150,11 @@ def push(
 
 
 def _listed(folder: Path) -> list[str]:
-    """The files upload_folder sends: everything under `folder` except what the library always ignores (.git)."""
+    """The files upload_folder sends: everything under `folder` but PUSH_IGNORE and what the library always skips."""
     from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
     paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    return list(filter_repo_objects(paths, ignore_patterns=[*PUSH_IGNORE, *DEFAULT_IGNORE_PATTERNS]))
 
 
 def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
