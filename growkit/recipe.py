@@ -313,6 +313,8 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
         return result
     if recipe.train is not None and out.exists():
         shutil.rmtree(out)  # growkit.train refuses a directory that holds an earlier run; overwrite was asked for
+    for target in (grown_out, out):
+        target.parent.mkdir(parents=True, exist_ok=True)
 
     grown = grow(source, grown_out, **grow_opts, overwrite=recipe.overwrite, quiet=quiet,
                  base_model=recipe.base_model, command=command)
@@ -409,17 +411,17 @@ def evaluate_recipe(spec: EvalSection, model_dir: Path, source: Path | None, cac
     """Mean next-token loss of `model_dir` (and of `source`) on the first `spec.blocks` blocks of the data."""
     files = _materialise(spec.data, cache, spec.max_bytes)
     result: dict[str, Any] = {"data": ", ".join(spec.data), "seq_len": spec.seq_len}
-    result["loss"], result["tokens"] = validation_loss(model_dir, files, spec.seq_len, spec.blocks, spec.batch_size)
+    result["loss"], result["tokens"] = validation_loss(model_dir, files, spec.seq_len, spec.blocks, spec.batch_size,
+                                                       cache)
     if source is not None:
-        result["source_loss"], _ = validation_loss(source, files, spec.seq_len, spec.blocks, spec.batch_size)
+        result["source_loss"], _ = validation_loss(source, files, spec.seq_len, spec.blocks, spec.batch_size, cache)
     return result
 
 
-def validation_loss(model_dir: Path, files: list[str], seq_len: int, blocks: int, batch_size: int) -> tuple[float, int]:
-    """Loss with the checkpoint's own tokenizer, via the training package's blocks and evaluation (same numbers as
-    the bundled models' README); returns (loss, tokens scored)."""
-    import tempfile
-
+def validation_loss(model_dir: Path, files: list[str], seq_len: int, blocks: int, batch_size: int,
+                    cache: Path) -> tuple[float, int]:
+    """Loss with the checkpoint's own tokenizer, through growkit.train's blocks and evaluation (the numbers the
+    bundled models' README reports); returns (loss, tokens scored). Tokenized data is cached under `cache`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -435,11 +437,10 @@ def validation_loss(model_dir: Path, files: list[str], seq_len: int, blocks: int
     positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise GrowkitError(f"eval.seq_len: {seq_len} exceeds the {positions} positions of {model_dir}")
-    with tempfile.TemporaryDirectory() as tmp:
-        data = load_blocks(files, tokenizer, seq_len, Path(tmp))
-        n = min(blocks, len(data))
-        with torch.no_grad():
-            loss = evaluate(model, data, batch_size=batch_size, max_blocks=n)
+    data = load_blocks(files, tokenizer, seq_len, cache)
+    n = min(blocks, len(data))
+    with torch.no_grad():
+        loss = evaluate(model, data, batch_size=batch_size, max_blocks=n)
     return loss, n * (seq_len - 1)
 
 
