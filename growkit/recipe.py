@@ -300,9 +300,14 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
         raise GrowkitError(f"{path}: grow: {exc}") from None
     result = RecipeResult(recipe=recipe, out_dir=out, dry_run=dry_run, plan=growth.plan)
     result.summary = _plan_lines(recipe, source, growth, grown_out, out)
-    for line in result.summary if echo else []:
-        echo(line)
+    if echo is not None:
+        for line in result.summary:
+            echo(line)
     _check_data(recipe)
+    if recipe.push is not None:
+        from growkit.hub.push import preflight
+
+        preflight()
     for target in {grown_out, out}:
         if target.exists() and not recipe.overwrite:
             raise GrowkitError(f"{target}: output already exists (set overwrite: true or pass --overwrite)")
@@ -332,7 +337,7 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
     if recipe.push is not None:
         from growkit.hub.push import push
 
-        result.pushed = push(out, **recipe.push.model_dump())
+        result.pushed = push(out, **recipe.push.model_dump())  # the token: HF_TOKEN or the login, as preflight found
     return result
 
 

@@ -195,6 +195,13 @@ push: {{repo_id: alice/tiny-llama-grown, endpoint: {hub.endpoint}, commit_messag
     assert result.pushed.commit_url.startswith(f"{hub.endpoint}/alice/tiny-llama-grown/commit/")
 
 
+def test_push_without_a_token_fails_before_growing(hub, tiny_gpt2, tmp_path):
+    path = write(tmp_path, f"source: {tiny_gpt2}\nout: o\ngrow: {{width: 2}}\npush: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
+    with pytest.raises(GrowkitError, match="no Hugging Face token"):
+        run_recipe(path, quiet=True)
+    assert not (tmp_path / "o").exists() and hub.requests == []
+
+
 def test_no_push_override_skips_the_push(hub, tiny_gpt2, tmp_path):
     path = write(tmp_path, f"source: {tiny_gpt2}\ngrow: {{width: 2}}\npush: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
     result = run_recipe(path, overrides={"push": None, "out": str(tmp_path / "o")}, quiet=True)

@@ -93,10 +93,13 @@ def _offline() -> bool:
     return env or constants.is_offline_mode()
 
 
-def resolve_token(token: str | None = None) -> str:
-    """The token from the argument, else HF_TOKEN, else the huggingface_hub login; never echoed."""
+def preflight(token: str | None = None) -> str:
+    """What a push needs before any request, checked up front (a recipe checks it before hours of growing):
+    not offline, and a token from the argument, HF_TOKEN or the huggingface_hub login. Returns the token."""
     from huggingface_hub import get_token
 
+    if _offline():
+        raise GrowkitError("cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
     resolved = token or get_token()
     if not resolved:
         raise GrowkitError(
@@ -125,9 +128,7 @@ def push(
     check_checkpoint_folder(folder)
     if not _REPO_ID.match(repo_id or ""):
         raise GrowkitError(f"repo id {repo_id!r}: expected NAMESPACE/NAME (e.g. your-user/tiny-gpt2-2x)")
-    if _offline():
-        raise GrowkitError("cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
-    secret = resolve_token(token)
+    secret = preflight(token)
 
     from huggingface_hub import HfApi
 
