@@ -39,6 +39,7 @@ from pydantic import (
 )
 
 from growkit.errors import GrowkitError
+from growkit.hub.push import REPO_ID_PATTERN
 
 STDLIB_PREFIX = "stdlib:"
 # Keys whose values are paths (or lists of them): resolved against the recipe file, or the cwd for overrides.
@@ -109,7 +110,7 @@ class EvalSection(_Section):
 class PushSection(_Section):
     """Where `growkit.push` uploads the result; the token never belongs in a recipe."""
 
-    repo_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    repo_id: str = Field(pattern=REPO_ID_PATTERN)
     private: bool = False
     revision: str | None = None
     commit_message: str | None = None

@@ -24,7 +24,8 @@ CONFIG_NAME = "config.json"
 # card, provenance and training metrics are what a Hub repository is for.
 PUSH_IGNORE = [".*", "*/.*", "checkpoint-*"]
 _TRUE = {"1", "ON", "YES", "TRUE"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+_OFFLINE = "cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)"
 
 
 @dataclass
@@ -99,7 +100,7 @@ def preflight(token: str | None = None) -> str:
     from huggingface_hub import get_token
 
     if _offline():
-        raise GrowkitError("cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)")
+        raise GrowkitError(_OFFLINE)
     resolved = token or get_token()
     if not resolved:
         raise GrowkitError(
@@ -126,7 +127,7 @@ def push(
     """
     folder = Path(folder)
     check_checkpoint_folder(folder)
-    if not _REPO_ID.match(repo_id or ""):
+    if not re.match(REPO_ID_PATTERN, repo_id or ""):
         raise GrowkitError(f"repo id {repo_id!r}: expected NAMESPACE/NAME (e.g. your-user/tiny-gpt2-2x)")
     secret = preflight(token)
 
@@ -169,7 +170,7 @@ def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
         seen = seen.__cause__ or seen.__context__
     for err in chain:
         if isinstance(err, OfflineModeIsEnabled):
-            return "cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)"
+            return _OFFLINE
         if isinstance(err, HfHubHTTPError) and err.response is not None:
             status = err.response.status_code
             if status == 401:
