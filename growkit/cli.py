@@ -9,6 +9,7 @@ import typer
 from growkit.errors import GrowkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Grow or shrink trained language-model checkpoints.")
+app.command("train")(__import__("growkit.train.cli", fromlist=["train_command"]).train_command)
 
 
 def main() -> None:
