@@ -1,3 +1,21 @@
 """growkit: grow or shrink trained language-model checkpoints zero-shot."""
 
 __version__ = "0.1.0"
+
+from typing import Any
+
+_LAZY = {
+    "grow": "growkit.pipeline",
+    "grow_model": "growkit.pipeline",
+    "load_checkpoint": "growkit.checkpoint.reader",
+    "GrowkitError": "growkit.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public API lazily, so `import growkit` stays cheap (torch and transformers load on first use)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'growkit' has no attribute {name!r}")

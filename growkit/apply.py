@@ -1,0 +1,151 @@
+"""Axis maps x tensors -> new tensors: the only place that gathers, rescales and fills.
+
+A tensor's new value is its old value gathered along each resized axis, reader dimensions multiplied by the
+map's reader scale, fresh neurons filled (zeros on the side that keeps them silent, small random values on the other
+so they can train), optional symmetric noise on duplicated readers, and identity blocks' residual writers zeroed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from growkit.arch.spec import HIDDEN, Dim, TensorSpec
+from growkit.maps import AxisMap, GrowthMaps
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """Model-wide facts and choices that `apply_tensor` needs besides the maps."""
+
+    tied: bool
+    rms_norm: bool
+    seed: int = 0
+    noise_snr_db: float | None = None
+
+
+@dataclass
+class _DimPlan:
+    """What happened along one tensor dimension: per new position, source group, reader scale and fresh sides."""
+
+    group: torch.Tensor  # flattened source index along the dim, -1 where any factor is fresh
+    scale: torch.Tensor  # product of the factors' reader scales
+    zero: torch.Tensor  # fresh positions this dim's role keeps at zero
+    rand: torch.Tensor  # fresh positions this dim's role fills with small random values
+
+
+def generator_for(seed: int, *parts: object) -> torch.Generator:
+    """A generator seeded from `seed` and a name, so random fills never depend on processing order or threads."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], maps: list[AxisMap | None],
+                gated: bool) -> tuple[torch.Tensor, _DimPlan]:
+    """Gather one dimension factor by factor (reshape, index_select, flatten) and record its per-position plan."""
+    lead, trail = list(x.shape[:dim_index]), list(x.shape[dim_index + 1:])
+    new_sizes = [m.new if m is not None else s for s, m in zip(sizes, maps)]
+    x = x.reshape(lead + sizes + trail)
+    group = torch.zeros(1, dtype=torch.long)
+    scale = torch.ones(1)
+    fresh = torch.zeros(1, dtype=torch.bool)
+    zero_side = torch.zeros(1, dtype=torch.bool)
+    for k, (size, m) in enumerate(zip(sizes, maps)):
+        if m is None:
+            src, f, s, z = torch.arange(size), torch.zeros(size, dtype=torch.bool), torch.ones(size), False
+        else:
+            src, f, s = m.src, m.fresh, m.reader_scale()
+            z = m.fresh_zero_side == dim.role
+            x = x.index_select(len(lead) + k, src.clamp(min=0))
+        # Row-major product of the factors: extend every per-position vector by this factor.
+        group = (group[:, None] * size + src.clamp(min=0)[None, :]).reshape(-1)
+        fresh_k = (fresh[:, None] | f[None, :]).reshape(-1)
+        zero_side = (zero_side[:, None] | (f & torch.tensor(z))[None, :]).reshape(-1)
+        fresh, scale = fresh_k, (scale[:, None] * s[None, :]).reshape(-1)
+    total = 1
+    for s in new_sizes:
+        total *= s
+    x = x.reshape(lead + [total] + trail)
+    group = torch.where(fresh, -1, group)
+    if dim.role == "out" and gated:
+        rand, zero = fresh, torch.zeros_like(fresh)
+    elif dim.role == "elem":
+        rand, zero = torch.zeros_like(fresh), torch.zeros_like(fresh)
+    else:
+        zero, rand = zero_side, fresh & ~zero_side
+    return x, _DimPlan(group=group, scale=scale, zero=zero, rand=rand)
+
+
+def _along(v: torch.Tensor, dim_index: int, ndim: int) -> torch.Tensor:
+    """Reshape a per-position vector so it broadcasts along dimension `dim_index` of an `ndim`-d tensor."""
+    shape = [1] * ndim
+    shape[dim_index] = -1
+    return v.reshape(shape)
+
+
+def _symmetric_noise(x: torch.Tensor, dim_index: int, group: torch.Tensor, std: float,
+                     gen: torch.Generator) -> torch.Tensor:
+    """Noise that sums to zero over every set of copies of one source reader, so the layer's output is unchanged."""
+    noise = torch.randn(x.shape, generator=gen) * std
+    valid = group >= 0
+    g = group.clamp(min=0)
+    n_groups = int(g.max()) + 1 if g.numel() else 0
+    moved = noise.movedim(dim_index, 0)
+    sums = torch.zeros((n_groups, *moved.shape[1:])).index_add_(0, g[valid], moved[valid])
+    counts = torch.bincount(g[valid], minlength=n_groups).to(x.dtype)
+    mean = sums / counts.clamp(min=1).reshape(-1, *([1] * (moved.dim() - 1)))
+    centred = moved - mean[g]
+    centred[~valid] = 0
+    centred[(counts[g] < 2) | ~valid] = 0  # a lone copy cannot move without changing the function
+    return centred.movedim(0, dim_index)
+
+
+def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int],
+                 maps: GrowthMaps, opts: ApplyOptions) -> torch.Tensor:
+    """The grown value of one fp32 source tensor `x` described by `spec`, in new layer `layer`."""
+    if x.dim() != len(spec.dims):
+        raise ValueError(f"{spec.name}: expected {len(spec.dims)} dims, got shape {tuple(x.shape)}")
+    std = float(x.std()) if x.numel() > 1 else 0.0
+    plans: list[_DimPlan] = []
+    for i, dim in enumerate(spec.dims):
+        sizes = [axis_sizes[a] for a in dim.axes]
+        factor_maps = [maps.get(a, layer) for a in dim.axes]
+        x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.gated and spec.kind == "weight")
+        plans.append(plan)
+
+    ndim = x.dim()
+    for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
+        if dim.role == "in" or (spec.final_norm and opts.tied and HIDDEN in dim.axes):
+            x = x * _along(plan.scale, i, ndim)
+        if dim.role == "elem" and spec.kind == "norm_weight" and opts.rms_norm and HIDDEN in dim.axes:
+            ratio = maps.hidden.stream_energy_ratio()
+            if ratio != 1.0:
+                x = x * ratio**0.5
+
+    if opts.noise_snr_db is not None and std > 0:
+        gen = generator_for(opts.seed, "noise", spec.at(layer))
+        for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
+            if dim.role == "in":
+                x = x + _symmetric_noise(x, i, plan.group, std * 10 ** (-opts.noise_snr_db / 20), gen)
+
+    rand = torch.zeros(x.shape, dtype=torch.bool)
+    zero = torch.zeros(x.shape, dtype=torch.bool)
+    elem_fresh = torch.zeros(x.shape, dtype=torch.bool)
+    for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
+        rand |= _along(plan.rand, i, ndim)
+        zero |= _along(plan.zero, i, ndim)
+        if dim.role == "elem":
+            elem_fresh |= _along(plan.group < 0, i, ndim)
+    if rand.any():
+        gen = generator_for(opts.seed, "fresh", spec.at(layer))
+        x = torch.where(rand, torch.randn(x.shape, generator=gen) * (std or 0.02), x)
+    if elem_fresh.any():
+        fill = x[~elem_fresh].mean() if spec.kind == "norm_weight" and (~elem_fresh).any() else torch.tensor(0.0)
+        x = torch.where(elem_fresh, fill, x)
+    x = torch.where(zero, torch.zeros(()), x)
+
+    if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
+        x = torch.zeros_like(x)
+    return x.contiguous()

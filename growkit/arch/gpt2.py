@@ -1,0 +1,90 @@
+"""GPT-2: Conv1D weights stored `[in, out]`, fused `c_attn` (q, k, v sections), learned positions, LayerNorm, tied head."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from growkit.arch.spec import (
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec,
+)
+from growkit.errors import GrowkitError
+
+_HEADS = (KV_HEADS, QGROUP, HEAD_DIM)
+
+
+class GPT2Family(Family):
+    def __init__(self) -> None:
+        super().__init__(name="gpt2", model_types=("gpt2",), norm="layer", norm_eps_key="layer_norm_epsilon",
+                         ignorable=(".attn.bias", ".attn.masked_bias"))
+
+    def sizes(self, config: dict[str, Any]) -> Sizes:
+        hidden, heads = int(config["n_embd"]), int(config["n_head"])
+        if hidden % heads:
+            raise GrowkitError(f"config: n_embd {hidden} is not divisible by n_head {heads}")
+        return Sizes(hidden=hidden, ffn=int(config.get("n_inner") or 4 * hidden), heads=heads, kv_heads=heads,
+                     layers=int(config["n_layer"]), head_dim=hidden // heads, vocab=int(config["vocab_size"]),
+                     positions=int(config.get("n_positions", 1024)))
+
+    def tied(self, config: dict[str, Any]) -> bool:
+        return bool(config.get("tie_word_embeddings", True))
+
+    def tensors(self, config: dict[str, Any], names: list[str]) -> list[TensorSpec]:
+        p = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+        h = f"{p}h.{{}}."
+        hid_e = (Dim((HIDDEN,), "elem"),)
+        layer = [
+            TensorSpec(h + "ln_1.weight", hid_e, "norm_weight", per_layer=True),
+            TensorSpec(h + "ln_1.bias", hid_e, "norm_bias", per_layer=True),
+            TensorSpec(h + "attn.c_attn.weight", (Dim((HIDDEN,), "in"), Dim((QKV, *_HEADS), "out")), per_layer=True),
+            TensorSpec(h + "attn.c_attn.bias", (Dim((QKV, *_HEADS), "out"),), "bias", per_layer=True),
+            TensorSpec(h + "attn.c_proj.weight", (Dim(_HEADS, "in"), Dim((HIDDEN,), "out")), per_layer=True),
+            TensorSpec(h + "attn.c_proj.bias", (Dim((HIDDEN,), "out"),), "bias", per_layer=True),
+            TensorSpec(h + "ln_2.weight", hid_e, "norm_weight", per_layer=True),
+            TensorSpec(h + "ln_2.bias", hid_e, "norm_bias", per_layer=True),
+            TensorSpec(h + "mlp.c_fc.weight", (Dim((HIDDEN,), "in"), Dim((FFN,), "out")), per_layer=True),
+            TensorSpec(h + "mlp.c_fc.bias", (Dim((FFN,), "out"),), "bias", per_layer=True),
+            TensorSpec(h + "mlp.c_proj.weight", (Dim((FFN,), "in"), Dim((HIDDEN,), "out")), per_layer=True),
+            TensorSpec(h + "mlp.c_proj.bias", (Dim((HIDDEN,), "out"),), "bias", per_layer=True),
+        ]
+        specs = [
+            TensorSpec(f"{p}wte.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "out")), "embedding"),
+            TensorSpec(f"{p}wpe.weight", (Dim((POSITIONS,), "elem"), Dim((HIDDEN,), "out")), "embedding"),
+            *layer,
+            TensorSpec(f"{p}ln_f.weight", hid_e, "norm_weight", final_norm=True),
+            TensorSpec(f"{p}ln_f.bias", hid_e, "norm_bias", final_norm=True),
+        ]
+        if not self.tied(config):
+            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "in"))))
+        return specs
+
+    def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
+        if target.hidden != target.heads * target.head_dim:
+            raise GrowkitError(
+                f"GPT-2 fixes head_dim = n_embd / n_head; hidden {target.hidden} with {target.heads} heads would change "
+                f"head_dim from {target.head_dim}")
+        new = dict(config)
+        new.update(n_embd=target.hidden, n_head=target.heads, n_layer=target.layers,
+                   n_inner=None if target.ffn == 4 * target.hidden else target.ffn)
+        return new
+
+    def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        p = "transformer." if "transformer.wte.weight" in shapes else ""
+        if f"{p}wte.weight" not in shapes or f"{p}h.0.attn.c_attn.weight" not in shapes:
+            return None
+        vocab, hidden = shapes[f"{p}wte.weight"]
+        layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(rf"{re.escape(p)}h\.(\d+)\.", n)))
+        head_dim = 64 if hidden % 64 == 0 else _small_head_dim(hidden)
+        return {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab, "n_embd": hidden,
+            "n_head": hidden // head_dim, "n_layer": layers, "n_positions": shapes[f"{p}wpe.weight"][0],
+            "n_inner": shapes[f"{p}h.0.mlp.c_fc.weight"][1], "tie_word_embeddings": "lm_head.weight" not in shapes,
+        }
+
+
+def _small_head_dim(hidden: int) -> int:
+    """A head_dim guess for widths that are not multiples of 64: the largest power of two below 64 dividing it."""
+    for head_dim in (32, 16, 8, 4, 2, 1):
+        if hidden % head_dim == 0:
+            return head_dim
+    return 1

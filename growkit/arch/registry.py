@@ -1,0 +1,37 @@
+"""Families keyed by `model_type`; the only place that knows which architectures growkit supports."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from growkit.arch.gpt2 import GPT2Family
+from growkit.arch.llama import LlamaFamily
+from growkit.arch.spec import Family
+from growkit.errors import GrowkitError
+
+FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily())
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def family_for(config: dict[str, Any], source: str = "config") -> Family:
+    """The family for a config's model_type, or an error listing the supported ones."""
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise GrowkitError(
+        f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    """A config guessed from tensor names and shapes, for a bare .safetensors file without one."""
+    for family in FAMILIES:
+        config = family.infer_config(shapes)
+        if config is not None:
+            return config
+    raise GrowkitError(
+        f"{source}: no config in the file's metadata or beside it, and its tensor names match no supported "
+        f"architecture ({', '.join(supported_model_types())}); pass --config CONFIG.json")

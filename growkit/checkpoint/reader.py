@@ -1,0 +1,255 @@
+"""Lazy checkpoint reading: a Hugging Face directory, a bare `.safetensors` file, or an in-memory state dict.
+
+Tensors are read one at a time (safetensors memory-maps the file), so growing a checkpoint never holds the whole
+source in memory. Every read is converted to fp32, because growth arithmetic (e.g. `W/3`) is not exact in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from growkit.arch.registry import infer_config
+from growkit.errors import GrowkitError
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class Checkpoint:
+    """Read-only view of a checkpoint's tensors and config; subclasses differ only in where bytes come from."""
+
+    config: dict[str, Any]
+    source: str
+    root: Path | None
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` as a new fp32 tensor."""
+        raise NotImplementedError
+
+    @property
+    def model_type(self) -> str:
+        model_type = self.config.get("model_type")
+        if not model_type:
+            raise GrowkitError(f"{self.source}: config has no model_type")
+        return str(model_type)
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype most of the floating-point weights are stored in (the default output dtype)."""
+        counts = Counter(self.dtype(n) for n in self.names() if self.dtype(n).is_floating_point)
+        return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or more safetensors files, opened lazily; a sharded index maps names to files."""
+
+    def __init__(self, files: list[Path], config: dict[str, Any], source: str, root: Path | None) -> None:
+        self.config = config
+        self.source = source
+        self.root = root
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for file in files:
+            handle = _open_safetensors(file)
+            self._handles[file] = handle
+            for name in handle.keys():
+                if name in self._where:
+                    raise GrowkitError(f"{file}: tensor {name} also appears in {self._where[name]}")
+                sl = handle.get_slice(name)
+                self._where[name] = file
+                self._meta[name] = (tuple(sl.get_shape()), _torch_dtype(file, name, sl.get_dtype()))
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self._where[name]
+        try:
+            tensor = self._handles[file].get_tensor(name)
+        except SafetensorError as exc:
+            raise GrowkitError(f"{file}: cannot read tensor {name}: {exc}") from None
+        return tensor.to(torch.float32, copy=True)
+
+    def metadata(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for handle in self._handles.values():
+            merged.update(handle.metadata() or {})
+        return merged
+
+
+class StateDictCheckpoint(Checkpoint):
+    """An in-memory model's state dict (for `grow_model`); tensors are already resident."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], config: dict[str, Any], source: str = "<model>") -> None:
+        self.config = config
+        self.source = source
+        self.root = None
+        self._sd = dict(state_dict)
+
+    def names(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._sd[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._sd[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._sd[name].detach().to("cpu", torch.float32, copy=True)
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _torch_dtype(file: Path, name: str, code: str) -> torch.dtype:
+    if code not in _DTYPES:
+        raise GrowkitError(f"{file}: tensor {name} has unsupported dtype {code}")
+    return _DTYPES[code]
+
+
+def _open_safetensors(file: Path) -> Any:
+    """Open a safetensors file, turning every format problem into a one-line GrowkitError naming the file."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except FileNotFoundError:
+        raise GrowkitError(f"{file}: file not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GrowkitError(f"{file}: not a valid safetensors file ({exc})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GrowkitError(f"{path}: cannot read JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise GrowkitError(f"{path}: expected a JSON object")
+    return data
+
+
+def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, handle_meta: dict[str, str],
+                     shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], str]:
+    """Config for a bare .safetensors file: explicit, then file metadata, then config.json beside it, then inferred."""
+    if isinstance(config, Mapping):
+        return dict(config), "given"
+    if config is not None:
+        return _read_json(Path(config)), str(config)
+    if "config" in handle_meta:
+        try:
+            return dict(json.loads(handle_meta["config"])), "safetensors metadata"
+        except json.JSONDecodeError:
+            raise GrowkitError(f"{file}: the 'config' entry of its metadata is not valid JSON") from None
+    beside = file.parent / "config.json"
+    if beside.is_file():
+        return _read_json(beside), str(beside)
+    return infer_config(shapes, source=str(file)), "inferred from tensor names and shapes"
+
+
+def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | None = None,
+                    allow_pickle: bool = False) -> Checkpoint:
+    """Open a checkpoint lazily; nothing but headers is read here.
+
+    `path` is a Hugging Face directory (config.json + model.safetensors or a sharded index) or a bare
+    `.safetensors` file. Pickle checkpoints (`pytorch_model.bin`) are refused unless `allow_pickle` is set, and then
+    loaded with `torch.load(weights_only=True)`, which executes no code.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise GrowkitError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".bin" or path.name.endswith(".bin.index.json"):
+            return _load_pickle(path.parent, [path], config, allow_pickle, root=None)
+        if path.suffix != ".safetensors":
+            raise GrowkitError(f"{path}: expected a .safetensors file or a checkpoint directory")
+        handle = _open_safetensors(path)
+        shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
+        cfg, _ = _config_for_file(path, config, handle.metadata() or {}, shapes)
+        return SafetensorsCheckpoint([path], cfg, str(path), root=path.parent)
+
+    cfg = _directory_config(path, config)
+    index = path / WEIGHTS_INDEX_NAME
+    single = path / WEIGHTS_NAME
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise GrowkitError(f"{index}: no weight_map")
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise GrowkitError(f"{index}: shard file missing: {missing[0]}")
+        ckpt = SafetensorsCheckpoint(files, cfg, str(path), root=path)
+        absent = sorted(set(weight_map) - set(ckpt.names()))
+        if absent:
+            raise GrowkitError(f"{index}: lists tensor {absent[0]} that no shard contains")
+        return ckpt
+    if single.is_file():
+        return SafetensorsCheckpoint([single], cfg, str(path), root=path)
+    loose = sorted(path.glob("*.safetensors"))
+    if loose:
+        return SafetensorsCheckpoint(loose, cfg, str(path), root=path)
+    pickles = [path / n for n in PICKLE_NAMES if (path / n).is_file()]
+    if pickles:
+        return _load_pickle(path, pickles, cfg, allow_pickle, root=path)
+    raise GrowkitError(f"{path}: no model.safetensors, sharded index or *.safetensors file found")
+
+
+def _directory_config(path: Path, config: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if config is not None:
+        return _read_json(Path(config))
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise GrowkitError(f"{path}: no config.json (pass --config, or give the .safetensors file to infer one)")
+    return _read_json(cfg_file)
+
+
+def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: bool, root: Path | None) -> Checkpoint:
+    """Pickle weights are an opt-in, and even then only tensors are unpickled (`weights_only=True`)."""
+    shown = files[0]
+    if not allow_pickle:
+        raise GrowkitError(
+            f"{shown}: pickle checkpoint refused (pickles can run code); convert it to safetensors, "
+            "or pass --allow-pickle to load it with torch.load(weights_only=True)"
+        )
+    if shown.name.endswith(".index.json"):
+        weight_map = _read_json(shown).get("weight_map", {})
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:  # torch raises many types for a bad pickle; all mean the same to the user
+            raise GrowkitError(f"{file}: cannot load pickle weights safely ({type(exc).__name__}: {exc})") from None
+    cfg = _directory_config(directory, config) if root is not None or config is not None else _read_json(
+        directory / "config.json")
+    ckpt = StateDictCheckpoint(state, cfg, source=str(root or shown))
+    ckpt.root = root or directory
+    return ckpt

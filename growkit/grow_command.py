@@ -1,0 +1,96 @@
+"""`growkit grow`: the command-line face of `growkit.grow`, with a dry-run table and a verification summary."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from growkit.arch.spec import parameter_count
+from growkit.checkpoint.reader import load_checkpoint
+from growkit.operators.depth import DEPTH_METHODS
+from growkit.pipeline import Growth, grow, plan_growth
+
+Opt = typer.Option
+
+
+def plan_table(growth: Growth, title: str) -> Table:
+    """Old -> new size of every axis, and parameter counts: what `--dry-run` shows before anything is written."""
+    table = Table(title=title)
+    for col in ("axis", "source", "target", "ratio"):
+        table.add_column(col, justify="left" if col == "axis" else "right")
+    for axis, old, new in growth.plan.rows():
+        table.add_row(axis, str(old), str(new), f"{new / old:.3g}x")
+    p_old = parameter_count(growth.specs, growth.plan.source)
+    p_new = parameter_count(growth.specs, growth.plan.target)
+    table.add_row("parameters", f"{p_old:,}", f"{p_new:,}", f"{p_new / p_old:.3g}x")
+    return table
+
+
+def verification_line(v: dict[str, Any]) -> str:
+    keys = "no missing or unexpected keys" if not (v["missing_keys"] or v["unexpected_keys"]) else (
+        f"missing {v['missing_keys']}, unexpected {v['unexpected_keys']}")
+    return (f"function preservation: max |Δlogits| = {v['max_abs_dlogits']:.3g}, loss {v['source_loss']:.4f} -> "
+            f"{v['grown_loss']:.4f} (Δ {v['dloss']:+.3g}) on {v['tokens']}; transformers loaded it with {keys}")
+
+
+def run_resize(src: Path, out: Optional[Path], dry_run: bool, quiet: bool, verify: bool, options: dict[str, Any],
+               config: Optional[Path], allow_pickle: bool) -> None:
+    """Shared body of `grow` and `shrink`: plan (and print) first, then stream the checkpoint."""
+    console = Console(stderr=quiet)
+    if dry_run:
+        ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle)
+        keys = ("width", "hidden", "ffn", "heads", "kv_heads", "layers", "method", "depth_method", "seed",
+                "direction", "operator_options", "noise_snr_db")
+        growth = plan_growth(ckpt, **{k: v for k, v in options.items() if k in keys})
+        console.print(plan_table(growth, f"{src} ({ckpt.model_type}), --method {growth.plan.method}: dry run, "
+                                         "nothing written"))
+        return
+    result = grow(src, out, quiet=quiet, verify=verify, config=config, allow_pickle=allow_pickle,
+                  command=shlex.join(["growkit", *sys.argv[1:]]), **options)
+    if not quiet:
+        console.print(f"wrote {result.out_dir}")
+    if result.provenance["verification"]:
+        print(verification_line(result.provenance["verification"]))
+
+
+def grow_command(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file")],
+    out: Annotated[Optional[Path], Opt("--out", "-o", help="Output directory (default: SRC-grown beside SRC)")] = None,
+    width: Annotated[Optional[str], Opt(help="Scale hidden, ffn, heads and kv heads together, e.g. 2x")] = None,
+    hidden: Annotated[Optional[int], Opt(help="Target hidden size")] = None,
+    ffn: Annotated[Optional[int], Opt(help="Target FFN (intermediate) size")] = None,
+    heads: Annotated[Optional[int], Opt(help="Target attention heads (head_dim is kept)")] = None,
+    kv_heads: Annotated[Optional[int], Opt("--kv-heads", help="Target key/value heads")] = None,
+    layers: Annotated[Optional[str], Opt(help="Target layers: N or a factor like 2x")] = None,
+    method: Annotated[str, Opt(help="clone | copy-pad | net2net | rc-sample")] = "clone",
+    depth_method: Annotated[str, Opt("--depth-method", help=" | ".join(DEPTH_METHODS))] = "stack",
+    noise_snr_db: Annotated[Optional[float], Opt("--noise-snr-db", help="Symmetric noise on cloned readers "
+                                                 "(signal-to-noise in dB); keeps the function exact")] = None,
+    estimator: Annotated[Optional[str], Opt(help="rc-sample: empirical | kde | gaussian")] = None,
+    resample_all: Annotated[bool, Opt("--resample-all", help="rc-sample: draw every neuron, not only new ones")] = False,
+    seed: Annotated[int, Opt(help="Random seed")] = 0,
+    dtype: Annotated[Optional[str], Opt(help="Output dtype (default: the source's)")] = None,
+    max_shard_size: Annotated[str, Opt("--max-shard-size", help="Largest shard, e.g. 5GB or 500MiB")] = "5GB",
+    config: Annotated[Optional[Path], Opt(help="config.json for a bare .safetensors file")] = None,
+    base_model: Annotated[Optional[str], Opt("--base-model", help="Hub id of the source, for the model card")] = None,
+    overwrite: Annotated[bool, Opt(help="Replace OUT if it exists")] = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Print the plan and write nothing")] = False,
+    verify: Annotated[bool, Opt(help="Load source and output with transformers and compare logits")] = False,
+    allow_pickle: Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")] = False,
+    allow_nonfinite: Annotated[bool, Opt("--allow-nonfinite", help="Grow weights with NaN/Inf")] = False,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar")] = False,
+) -> None:
+    """Grow a checkpoint in width and/or depth, streamed tensor by tensor into a new Hugging Face checkpoint."""
+    operator_options = {k: v for k, v in dict(estimator=estimator, resample_all=resample_all or None).items()
+                        if v is not None}
+    options = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
+                   depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed, dtype=dtype,
+                   max_shard_size=max_shard_size, overwrite=overwrite, base_model=base_model,
+                   allow_nonfinite=allow_nonfinite, operator_options=operator_options or None)
+    run_resize(src, out, dry_run, quiet, verify, options, config, allow_pickle)

@@ -1,0 +1,48 @@
+"""The operator interface: an operator turns a plan into axis maps; it never touches tensors by name."""
+
+from __future__ import annotations
+
+import torch
+
+from growkit.arch.spec import PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.checkpoint.reader import Checkpoint
+from growkit.errors import GrowkitError
+from growkit.maps import AxisMap, GrowthMaps
+from growkit.operators.depth import depth_map
+from growkit.plan import GrowthPlan
+
+
+class Operator:
+    """Base class: build maps axis by axis; subclasses that need the weights (importance, fitted measures) override
+    `build_maps`, and those that write values no source neuron has override `adjust`."""
+
+    name: str = ""
+    directions: tuple[str, ...] = ("grow",)
+
+    def check(self, plan: GrowthPlan) -> None:
+        """Raise GrowkitError for a plan this operator cannot carry out (before any tensor is read)."""
+        if plan.direction not in self.directions:
+            raise GrowkitError(f"--method {self.name} cannot {plan.direction} a model")
+
+    def axis_map(self, kind: str, old: int, new: int, gen: torch.Generator) -> AxisMap:
+        raise NotImplementedError
+
+    def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
+                   seed: int) -> GrowthMaps:
+        gen = torch.Generator().manual_seed(seed)
+        layer_src, identity = depth_map(plan.depth_method, plan.source.layers, plan.target.layers)
+        hidden = self.axis_map("hidden", plan.source.hidden, plan.target.hidden, gen)
+        per_layer = {
+            (kind, layer): self.axis_map(kind, plan.source.axis(kind), plan.target.axis(kind), gen)
+            for layer in range(plan.target.layers) for kind in PER_LAYER
+        }
+        return GrowthMaps(hidden=hidden, per_layer=per_layer, layer_src=layer_src, identity_layers=identity)
+
+    def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
+        """Last word on a grown tensor; the identity for operators whose maps say everything."""
+        return tensor
+
+
+def fresh_side(kind: str) -> str:
+    """Which side of a fresh neuron stays zero: query heads read a softmax that is not zero, so their readers are."""
+    return "in" if kind == QGROUP else "out"

@@ -1,0 +1,279 @@
+"""The growth pipeline: checkpoint -> architecture -> plan -> operator maps -> apply -> writer.
+
+`grow` streams a checkpoint on disk tensor by tensor into a new one; `grow_model` does the same in memory for
+training pipelines. Both share `plan_growth` and `grown_tensors`, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from growkit import __version__
+from growkit.apply import ApplyOptions, apply_tensor
+from growkit.arch.registry import family_for
+from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
+from growkit.checkpoint.files import copy_support_files
+from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
+from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size, stale_temporaries
+from growkit.errors import GrowkitError
+from growkit.maps import GrowthMaps
+from growkit.operators import get_operator
+from growkit.operators.base import Operator
+from growkit.plan import Direction, GrowthPlan, make_plan
+
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Growth:
+    """Everything decided before the first weight is read."""
+
+    ckpt: Checkpoint
+    family: Family
+    specs: list[TensorSpec]
+    plan: GrowthPlan
+    operator: Operator
+    maps: GrowthMaps
+    opts: ApplyOptions
+    config: dict[str, Any]
+
+    def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, TensorSpec, int | None]]:
+        """Output tensors in write order: globals, then layer by layer, with their specs and new layer index."""
+        target = self.plan.target
+        out = []
+        for layer in [None, *range(target.layers)]:
+            for spec in self.specs:
+                if spec.per_layer == (layer is not None):
+                    shape = tuple(_dim_size(d.axes, target) for d in spec.dims)
+                    out.append((TensorEntry(spec.at(layer), shape, dtype), spec, layer))
+        return out
+
+
+@dataclass
+class GrowResult:
+    out_dir: Path
+    provenance: dict[str, Any]
+    plan: GrowthPlan
+
+
+def _dim_size(axes: tuple[str, ...], sizes: Sizes) -> int:
+    n = 1
+    for a in axes:
+        n *= sizes.axis(a)
+    return n
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        raise GrowkitError(f"--dtype: expected one of {', '.join(_DTYPE_NAMES)}, got {dtype!r}")
+    return _DTYPE_NAMES[dtype]
+
+
+def check_tensors(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], sizes: Sizes) -> None:
+    """Every expected tensor is present with the shape the config implies; nothing unknown is silently dropped."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        for layer in range(sizes.layers) if spec.per_layer else [None]:
+            expected[spec.at(layer)] = tuple(_dim_size(d.axes, sizes) for d in spec.dims)
+    names = set(ckpt.names())
+    for name, shape in expected.items():
+        if name not in names:
+            raise GrowkitError(f"{ckpt.source}: tensor {name} is missing (expected for a {ckpt.model_type} model "
+                               f"with this config)")
+        if ckpt.shape(name) != shape:
+            raise GrowkitError(f"{ckpt.source}: tensor {name} has shape {list(ckpt.shape(name))}, but the config "
+                               f"implies {list(shape)}")
+        if not ckpt.dtype(name).is_floating_point:
+            raise GrowkitError(f"{ckpt.source}: tensor {name} has non-float dtype {ckpt.dtype(name)}")
+    tied_head = {"lm_head.weight"} if family.tied(ckpt.config) else set()
+    for name in sorted(names - set(expected)):
+        if name in tied_head or any(name.endswith(s) for s in family.ignorable):
+            continue
+        raise GrowkitError(f"{ckpt.source}: unexpected tensor {name} for a {ckpt.model_type} model with this config")
+
+
+def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: int | None = None,
+                ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
+                layers: str | int | None = None, method: str = "clone", depth_method: str = "stack",
+                noise_snr_db: float | None = None, seed: int = 0, direction: Direction = "grow",
+                operator_options: Mapping[str, Any] | None = None) -> Growth:
+    """Validate a request against a checkpoint and decide every axis map; reads headers only (and whatever weights
+    an operator needs to decide, such as a fitted measure)."""
+    family = family_for(ckpt.config, ckpt.source)
+    source = family.sizes(ckpt.config)
+    specs = family.tensors(ckpt.config, ckpt.names())
+    plan = make_plan(family, source, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                     layers=layers, method=method, depth_method=depth_method, direction=direction)
+    operator = get_operator(method, **dict(operator_options or {}))
+    operator.check(plan)
+    if plan.target.layers != source.layers and ckpt.config.get("scale_attn_by_inverse_layer_idx"):
+        raise GrowkitError(f"{ckpt.source}: scale_attn_by_inverse_layer_idx ties attention scale to layer index; "
+                           "depth growth would change the function")
+    check_tensors(ckpt, family, specs, source)
+    maps = operator.build_maps(ckpt, family, specs, plan, seed)
+    config = family.rewrite_config(ckpt.config, plan.target, maps.layer_src)
+    ratio = maps.hidden.stream_energy_ratio()
+    if family.norm == "rms" and ratio != 1.0 and family.norm_eps_key in config:
+        config[family.norm_eps_key] = float(config[family.norm_eps_key]) * ratio
+    opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed,
+                        noise_snr_db=noise_snr_db)
+    return Growth(ckpt, family, specs, plan, operator, maps, opts, config)
+
+
+def grown_tensors(growth: Growth, dtype: torch.dtype, quiet: bool = True,
+                  allow_nonfinite: bool = False) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+    """Yield each output tensor in write order, computed in fp32 from its one source tensor."""
+    axis_sizes = {a: growth.plan.source.axis(a) for a in ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv",
+                                                          "vocab", "positions")}
+    entries = growth.entries(dtype)
+    for entry, spec, layer in tqdm(entries, desc="growing", unit="tensor", disable=quiet, file=sys.stderr):
+        src_layer = None if layer is None else growth.maps.layer_src[layer]
+        src_name = spec.at(src_layer)
+        x = growth.ckpt.get(src_name)
+        if not allow_nonfinite and not bool(torch.isfinite(x).all()):
+            raise GrowkitError(f"{growth.ckpt.source}: tensor {src_name} contains NaN or Inf "
+                               "(pass --allow-nonfinite to grow it anyway)")
+        y = apply_tensor(x, spec, layer, axis_sizes, growth.maps, growth.opts)
+        y = growth.operator.adjust(spec, layer, y, growth.maps)
+        yield entry, y.to(dtype)
+
+
+def _config_with_dtype(config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    name = str(dtype).removeprefix("torch.")
+    config = dict(config)
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = name
+    if "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = name
+    return config
+
+
+def provenance_for(growth: Growth, source_path: str, command: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The growkit.json record: enough to reproduce the growth and to recover the small model's shapes (µP)."""
+    plan = growth.plan
+    rows = {k: [old, new] for k, old, new in plan.rows()}
+    return {
+        "growkit_version": __version__,
+        "kind": plan.direction,
+        "source": {"path": source_path, "model_type": growth.ckpt.model_type, "config": growth.ckpt.config,
+                   "hub_id": options.get("base_model")},
+        "sizes": rows,
+        "operator": plan.method,
+        "depth_method": plan.depth_method,
+        "layer_map": growth.maps.layer_src,
+        "identity_layers": sorted(growth.maps.identity_layers),
+        "options": {k: v for k, v in options.items() if k != "base_model"},
+        "parameters": [parameter_count(growth.specs, plan.source), parameter_count(growth.specs, plan.target)],
+        "command": command or "python api",
+        "verification": None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def default_output(src: Path, direction: Direction = "grow") -> Path:
+    """`small.safetensors` -> `small-grown/` beside it; `dir/` -> `dir-grown/`."""
+    base = src.stem if src.is_file() else src.resolve().name
+    return src.parent / f"{base}-{'grown' if direction == 'grow' else 'shrunk'}"
+
+
+def grow(src: str | Path, out: str | Path | None = None, *, width: str | float | None = None,
+         hidden: int | None = None, ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
+         layers: str | int | None = None, method: str = "clone", depth_method: str = "stack",
+         noise_snr_db: float | None = None, seed: int = 0, dtype: str | torch.dtype | None = None,
+         max_shard_size: str | int = "5GB", overwrite: bool = False, quiet: bool = False,
+         config: str | Path | Mapping[str, Any] | None = None, verify: bool = False, allow_pickle: bool = False,
+         allow_nonfinite: bool = False, base_model: str | None = None, command: str | None = None,
+         direction: Direction = "grow", operator_options: Mapping[str, Any] | None = None) -> GrowResult:
+    """Grow the checkpoint at `src` into a new Hugging Face checkpoint directory `out`, streamed and atomic."""
+    src = Path(src)
+    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle)
+    out = Path(out) if out is not None else default_output(src, direction)
+    _check_output(src, out, overwrite)
+    growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
+                         method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,
+                         direction=direction, operator_options=operator_options)
+    out_dtype = parse_dtype(dtype) or ckpt.storage_dtype()
+    options = {"seed": seed, "noise_snr_db": noise_snr_db, "dtype": str(out_dtype).removeprefix("torch."),
+               "base_model": base_model, **dict(operator_options or {})}
+    provenance = provenance_for(growth, str(src), command, options)
+    new_config = _config_with_dtype(growth.config, out_dtype)
+    metadata = {"format": "pt", "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "operator",
+                                                                                    "sizes", "options")}),
+                "config": json.dumps(new_config, sort_keys=True)}
+    for stale in stale_temporaries(out):
+        print(f"growkit: removing {stale}, left by an interrupted run", file=sys.stderr)
+        shutil.rmtree(stale, ignore_errors=True)
+    entries = [e for e, _, _ in growth.entries(out_dtype)]
+    with CheckpointWriter(out, entries, parse_size(max_shard_size), metadata, overwrite=overwrite) as writer:
+        for entry, tensor in grown_tensors(growth, out_dtype, quiet=quiet, allow_nonfinite=allow_nonfinite):
+            writer.add(entry.name, tensor)
+        writer.finish_weights()
+        writer.add_file("config.json", json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        if ckpt.root is not None:
+            copy_support_files(ckpt.root, writer)
+        if verify:
+            from growkit.verify import verify_growth
+
+            provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
+        writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
+        _write_card(writer.tmp, provenance)
+        out_dir = writer.commit()
+    return GrowResult(out_dir=out_dir, provenance=provenance, plan=growth.plan)
+
+
+def _write_card(directory: Path, provenance: dict[str, Any]) -> None:
+    """A model card with the growth's provenance, once the hub module that writes it is installed."""
+    try:
+        from growkit.hub.card import write_model_card
+    except ImportError:
+        return
+    write_model_card(directory, provenance)
+
+
+def _check_output(src: Path, out: Path, overwrite: bool) -> None:
+    src_dir = (src if src.is_dir() else src.parent).resolve()
+    resolved = out.resolve()
+    if src.is_dir() and (resolved == src_dir or resolved.is_relative_to(src_dir)):
+        raise GrowkitError(f"{out}: output must not be inside the source directory {src}")
+    if resolved == src.resolve():
+        raise GrowkitError(f"{out}: output must not be the source")
+    if out.exists() and not overwrite:
+        raise GrowkitError(f"{out}: output already exists (pass --overwrite to replace it)")
+
+
+def grow_model(model: Any, *, width: str | float | None = None, hidden: int | None = None, ffn: int | None = None,
+               heads: int | None = None, kv_heads: int | None = None, layers: str | int | None = None,
+               method: str = "clone", depth_method: str = "stack", noise_snr_db: float | None = None,
+               seed: int = 0, direction: Direction = "grow",
+               operator_options: Mapping[str, Any] | None = None) -> Any:
+    """A new `transformers` model grown from `model` in memory (fp32), for training pipelines."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = model.config.to_dict()
+    ckpt = StateDictCheckpoint(model.state_dict(), config)
+    growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
+                         method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,
+                         direction=direction, operator_options=operator_options)
+    state = {entry.name: tensor for entry, tensor in grown_tensors(growth, torch.float32)}
+    new_config = AutoConfig.for_model(**{k: v for k, v in growth.config.items() if k != "transformers_version"})
+    new_model = AutoModelForCausalLM.from_config(new_config, dtype=torch.float32)
+    missing, unexpected = new_model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if growth.opts.tied else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"grown state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    new_model.tie_weights()
+    return new_model.to(next(model.parameters()).device)

@@ -1,0 +1,104 @@
+"""A user's request (`--width 2x`, `--hidden 1024 --heads 16`, `--layers 24`) -> validated target sizes.
+
+Everything that can be wrong with a request is caught here, before a single tensor is read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+from growkit.arch.spec import Family, Sizes
+from growkit.errors import GrowkitError
+
+Direction = Literal["grow", "shrink"]
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    """Source and target sizes of one growth (or shrink) and how depth changes."""
+
+    family: str
+    source: Sizes
+    target: Sizes
+    method: str
+    depth_method: str | None
+    direction: Direction
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        """(axis, old, new) for every size, for tables and provenance."""
+        old, new = self.source.as_dict(), self.target.as_dict()
+        return [(k, old[k], new[k]) for k in old]
+
+
+def parse_factor(text: str | float | int, what: str) -> Fraction:
+    """'2x', '2', '1.5x', '0.5x' or a number -> an exact fraction."""
+    if isinstance(text, (int, float)):
+        value = Fraction(text).limit_denominator(1000)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\d+/\d+)\s*[xX]?\s*", text)
+        if not m:
+            raise GrowkitError(f"--{what}: expected a factor like 2x or 1.5x, got {text!r}")
+        value = Fraction(m.group(1))
+    if value <= 0:
+        raise GrowkitError(f"--{what}: factor must be positive, got {text!r}")
+    return value
+
+
+def _scaled(old: int, factor: Fraction, axis: str) -> int:
+    new = old * factor
+    if new.denominator != 1:
+        raise GrowkitError(f"--width {float(factor):g}x gives {axis} {float(new):g}, not a whole number")
+    return int(new)
+
+
+def _layers(old: int, layers: str | int | None) -> int:
+    if layers is None:
+        return old
+    if isinstance(layers, int) or str(layers).strip().isdigit():
+        return int(layers)
+    new = old * parse_factor(layers, "layers")
+    if new.denominator != 1:
+        raise GrowkitError(f"--layers {layers} gives {float(new):g} layers, not a whole number")
+    return int(new)
+
+
+def make_plan(family: Family, source: Sizes, *, width: str | float | None = None, hidden: int | None = None,
+              ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
+              layers: str | int | None = None, method: str = "clone", depth_method: str | None = "stack",
+              direction: Direction = "grow") -> GrowthPlan:
+    """Target sizes for a request: `width` scales hidden, ffn, heads and kv heads together; explicit sizes win."""
+    target = source
+    if width is not None:
+        f = parse_factor(width, "width")
+        target = target.replace(hidden=_scaled(source.hidden, f, "hidden"), ffn=_scaled(source.ffn, f, "ffn"),
+                                heads=_scaled(source.heads, f, "heads"), kv_heads=_scaled(source.kv_heads, f, "kv_heads"))
+    explicit = {k: v for k, v in dict(hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads).items() if v is not None}
+    for key, value in explicit.items():
+        if int(value) <= 0:
+            raise GrowkitError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    target = target.replace(**{k: int(v) for k, v in explicit.items()}, layers=_layers(source.layers, layers))
+    if source.kv_heads == source.heads and kv_heads is None and heads is not None:
+        target = target.replace(kv_heads=target.heads)  # plain multi-head attention stays multi-head
+    if target.layers <= 0:
+        raise GrowkitError(f"--layers must be positive, got {target.layers}")
+
+    if family.name == "gpt2":
+        if target.kv_heads != target.heads:
+            raise GrowkitError("GPT-2 has no grouped-query attention: --kv-heads must equal --heads")
+        if target.hidden != target.heads * source.head_dim:
+            raise GrowkitError(
+                f"GPT-2 fixes head_dim = hidden / heads = {source.head_dim}: hidden {target.hidden} needs "
+                f"{target.hidden / source.head_dim:g} heads, not {target.heads}")
+    if target.heads % target.kv_heads:
+        raise GrowkitError(f"heads {target.heads} must be a multiple of kv heads {target.kv_heads} (GQA groups)")
+
+    for key, old, new in GrowthPlan(family.name, source, target, method, depth_method, direction).rows():
+        if direction == "grow" and new < old:
+            raise GrowkitError(f"{key} would shrink from {old} to {new}; use `growkit shrink`")
+        if direction == "shrink" and new > old:
+            raise GrowkitError(f"{key} would grow from {old} to {new}; use `growkit grow`")
+    return GrowthPlan(family.name, source, target, method, depth_method if target.layers != source.layers else None,
+                      direction)

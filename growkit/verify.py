@@ -1,0 +1,63 @@
+"""Function-preservation checks: load source and grown models with `transformers` and compare their logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growkit.checkpoint.reader import Checkpoint
+from growkit.errors import GrowkitError
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> Any:
+    """A fp32 `transformers` model with the checkpoint's weights, whatever the checkpoint's form (dir, file, memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k != "transformers_version"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {name: ckpt.get(name) for name in ckpt.names()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    buffers = {n for n, _ in model.named_buffers()}
+    if set(missing) - tied or set(unexpected) - buffers - {n for n in unexpected if n.endswith((".attn.bias", ".attn.masked_bias", "inv_freq"))}:
+        raise GrowkitError(f"{ckpt.source}: weights do not fit the config (missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def load_grown(directory: Path) -> tuple[Any, dict[str, list[str]]]:
+    """Load a written checkpoint exactly as a user would, returning the model and transformers' loading report."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    return model.eval(), {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys")}
+
+
+def random_tokens(vocab: int, seed: int = 0, batch: int = 2, length: int = 32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def compare(model_a: Any, model_b: Any, tokens: torch.Tensor) -> dict[str, float]:
+    """max |Δlogits| and the next-token loss of both models on the same tokens."""
+    out_a = model_a(input_ids=tokens, labels=tokens)
+    out_b = model_b(input_ids=tokens, labels=tokens)
+    return {
+        "max_abs_dlogits": float((out_a.logits - out_b.logits).abs().max()),
+        "source_loss": float(out_a.loss),
+        "grown_loss": float(out_b.loss),
+        "dloss": float(out_b.loss - out_a.loss),
+    }
+
+
+def verify_growth(ckpt: Checkpoint, directory: Path, seed: int = 0) -> dict[str, Any]:
+    """Compare the source with the checkpoint written to `directory` on random tokens."""
+    source = model_from_checkpoint(ckpt)
+    grown, info = load_grown(directory)
+    length = min(32, int(ckpt.config.get("n_positions") or ckpt.config.get("max_position_embeddings") or 32))
+    tokens = random_tokens(int(ckpt.config["vocab_size"]), seed=seed, length=length)
+    return {**compare(source, grown, tokens), "tokens": f"random, {tuple(tokens.shape)}, seed {seed}", **info}

@@ -1,0 +1,59 @@
+"""Tiny real `transformers` models, saved as real checkpoints, for every family growkit supports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def tiny_config(name: str) -> T.PretrainedConfig:
+    """Configs small enough for milliseconds per forward pass, covering tied/untied heads, GQA and q/k/v bias."""
+    llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
+    return {
+        "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
+                                     eos_token_id=0, **NO_DROPOUT),
+        "gpt2-untied": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64,
+                                            bos_token_id=0, eos_token_id=0, tie_word_embeddings=False, **NO_DROPOUT),
+        "llama-gqa4": lambda: T.LlamaConfig(num_attention_heads=4, num_key_value_heads=1, **llama),
+        "llama-mha": lambda: T.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **llama),
+        "llama-tied": lambda: T.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                            **llama),
+        "mistral": lambda: T.MistralConfig(num_attention_heads=4, num_key_value_heads=2, **llama),
+        "qwen2": lambda: T.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **llama),
+    }[name]()
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial norm gains and biases, so that a bug in how growth treats them cannot hide behind ones and zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def save_tiny(name: str, path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = randomize(T.AutoModelForCausalLM.from_config(tiny_config(name)), seed)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path: Path):
+    """Factory: `tiny("llama-gqa4")` -> path of a saved checkpoint directory."""
+
+    def make(name: str, seed: int = 0) -> Path:
+        return save_tiny(name, tmp_path / f"src-{name}", seed)
+
+    return make
