@@ -9,6 +9,8 @@ _LAZY = {
     "grow_model": "growkit.pipeline",
     "load_checkpoint": "growkit.checkpoint.reader",
     "GrowkitError": "growkit.errors",
+    "train": "growkit.train",
+    "mup_param_groups": "growkit.train.mup",
 }
 
 

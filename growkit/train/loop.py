@@ -131,11 +131,18 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def make_accelerator(mixed_precision: str = "no"):
-    """An Accelerator for this process (picks up torchrun / `accelerate launch` environment)."""
+    """An Accelerator for this process (picks up torchrun / `accelerate launch` environment).
+
+    Accelerate only treats a multi-process launch without an accelerator device as MULTI_CPU (gloo) when told
+    `cpu=True`; we say so when several processes were launched and no GPU is visible, so plain torchrun works.
+    """
     from accelerate import Accelerator
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    cpu = world > 1 and not torch.cuda.is_available() and not xpu
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GrowkitError(f"--mixed-precision {mixed_precision} is not available here: {msg}") from None
