@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -225,8 +225,12 @@ def _export_hf(accelerator, model, directory: Path, tokenizer=None, extra_files:
 
 def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: TokenBlocks | None = None,
         base_config: Any = None, out_dir: Path | None = None, tokenizer=None, accelerator=None,
-        resume_from: Path | None = None, provenance: dict | None = None, run_info: dict | None = None) -> TrainResult:
+        resume_from: Path | None = None, provenance: dict | None = None, run_info: dict | None = None,
+        on_step: Callable[[dict], bool] | None = None) -> TrainResult:
     """Train `model` on `train_blocks` for `cfg.steps` optimizer steps (µP groups when `base_config` is given).
+
+    `on_step(row)` sees each step's metrics row (with `eval_loss` on evaluation steps); returning True ends the run
+    there (e.g. once a target loss is reached), keeping the schedule of `cfg.steps`.
 
     With `out_dir`: metrics (JSONL/CSV), loss-curve PNG, checkpoints every `cfg.save_every` steps, and the final
     model in HF format. `resume_from` is a checkpoint directory written by an earlier run with the same data.
@@ -331,6 +335,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         if out_dir is not None and ((cfg.save_every and state.step % cfg.save_every == 0)
                                     or (state.step == stop and stop < cfg.steps)):
             save_checkpoint(state.step)
+        if on_step is not None and on_step(row):
+            break
     bar.close()
 
     finished = state.step >= cfg.steps
@@ -355,6 +361,9 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + (f"; stopped early, resume with --resume" if not finished else ""))
     accelerator.free_memory()
+    custom = getattr(accelerator, "_custom_objects", None)  # let a reused Accelerator forget this run's objects
+    if isinstance(custom, list):
+        custom[:] = [o for o in custom if o is not scheduler and o is not state]
     return result
 
 
