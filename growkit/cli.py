@@ -31,6 +31,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main() -> None:
     """Run the CLI; user errors print one line and exit 2, with no traceback."""
     signal.signal(signal.SIGTERM, _terminate)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # transformers' advice on configs we did not write is noise here
+    if "--quiet" in sys.argv or "-q" in sys.argv:
+        hf_logging.disable_progress_bar()
     try:
         app()
     except GrowkitError as exc:
