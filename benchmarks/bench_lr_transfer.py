@@ -37,12 +37,12 @@ def sweep(arch: str, args, acc, train_blocks, val_blocks) -> dict:
         torch.manual_seed(args.seed)
         small = T.AutoModelForCausalLM.from_config(bundled.config)
         c = run(small, "small", train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
-                seed=args.seed, accelerator=acc)
+                seed=args.seed, accelerator=acc, batch_size=args.batch)
         rows["small (scratch init)"].append(c.losses[-1])
         for label, base in (("grown, µP", bundled.config), ("grown, no µP", None)):
             grown = growkit.grow_model(bundled, width=2, method="clone", noise_snr_db=NOISE_DB, seed=args.seed)
             c = run(grown, label, train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
-                    seed=args.seed, accelerator=acc, base_config=base)
+                    seed=args.seed, accelerator=acc, base_config=base, batch_size=args.batch)
             start[label] = c.losses[0]
             rows[label].append(c.losses[-1])
         print(f"[{arch}] lr {lr:g}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in rows.items()), flush=True)
@@ -60,19 +60,23 @@ def table(res: dict, steps: int) -> str:
     for k, v in res["rows"].items():
         bi = lrs.index(res["best"][k])
         cells = [("**" + fmt(x, ".4f") + "**") if i == bi else fmt(x, ".4f") for i, x in enumerate(v)]
-        lines.append(f"| {k} | " + " | ".join(cells) + f" | {res['best'][k]:g} | {math.log2(res['best'][k] / ref):+.0f} |")
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {res['best'][k]:g} | {math.log2(res['best'][k] / ref):+.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=300, help="steps per run (small from init; grown after growth)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "lr_transfer")
+    ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/lr-transfer-<archs>]")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    default_out = REPO / "benchmarks" / "results" / f"lr-transfer-{'-'.join(args.arch)}"
+    args.out = args.out or default_out
+    torch.set_num_threads(args.threads)
     import transformers as T
 
     t0 = time.time()
@@ -81,7 +85,8 @@ def main() -> None:
     acc = make_accelerator()
     results = [sweep(a, args, acc, train_blocks, val_blocks) for a in args.arch]
     cmd = (f"python benchmarks/bench_lr_transfer.py --arch {' '.join(args.arch)} --steps {args.steps} "
-           f"--lrs {' '.join(f'{x:g}' for x in args.lrs)} --seed {args.seed}")
+           f"--lrs {' '.join(f'{x:g}' for x in args.lrs)} --batch {args.batch} --seed {args.seed} --threads {args.threads}"
+           + (f" --out {args.out}" if args.out != default_out else ""))
     md = "\n".join(table(r, args.steps) for r in results)
     save_json(args.out / "lr_transfer.json", {"command": cmd, "torch": torch.__version__,
                                               "python": platform.python_version(), "seconds": round(time.time() - t0),
