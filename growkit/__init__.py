@@ -12,6 +12,8 @@ _LAZY = {
     "push": "growkit.hub.push",
     "run_recipe": "growkit.recipe",
     "write_model_card": "growkit.hub.card",
+    "train": "growkit.train",
+    "mup_param_groups": "growkit.train.mup",
 }
 
 
