@@ -10,11 +10,17 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.grow_command import grow_command
+from growkit.hub.push import push_command
 from growkit.measure.command import inspect_command
+from growkit.recipe import run_command
+from growkit.train.cli import train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")
 app.command("grow")(grow_command)
+app.command("push")(push_command)
+app.command("run")(run_command)
+app.command("train")(train_command)
 app.command("inspect")(inspect_command)
 
 
