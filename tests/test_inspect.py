@@ -23,13 +23,13 @@ def test_inspect_cli_writes_report_and_plots(tmp_path):
     clone = grow(MODELS / "tiny-gpt2", tmp_path / "clone", width="2x", quiet=True).out_dir
     out = tmp_path / "inspect"
     result = CliRunner().invoke(app, ["inspect", str(MODELS / "tiny-gpt2"), "--compare", str(clone), "--out", str(out),
-                                      "--permutations", "49"])
+                                      "--permutations", "19"])
     assert result.exit_code == 0, result.output
     assert "RC covariance test" in result.output and "hidden" in result.output
     for name in ("norms.png", "rc.png", "qq.png"):
         assert _png(out / name), name
     report = json.loads((out / "report.json").read_text())
-    assert report["model_type"] == "gpt2" and report["units"] == "mf" and report["permutations"] == 49
+    assert report["model_type"] == "gpt2" and report["units"] == "mf" and report["permutations"] == 19
     assert report["sizes"]["hidden"] == 64 and report["sizes"]["layers"] == 2
     tensors = {t["name"]: t for t in report["tensors"]}
     assert len(tensors) == 28  # 4 global + 12 per layer x 2
@@ -39,7 +39,7 @@ def test_inspect_cli_writes_report_and_plots(tmp_path):
     rc = c_fc["rc"]
     for key in ("corr_row", "corr_col", "corr_disjoint", "p_row", "p_col", "p_disjoint", "z_row"):
         assert key in rc
-    assert 0 < rc["p_row"] <= 1 and rc["permutations"] == 49
+    assert 0 < rc["p_row"] <= 1 and rc["permutations"] == 19
     assert tensors["transformer.ln_f.weight"]["rc"] is None and tensors["transformer.ln_f.weight"]["rows"] is None
     axes = {a["axis"]: a for a in report["axes"]}
     assert set(axes) == {"hidden", "ffn@0", "ffn@1", "kv_heads@0", "kv_heads@1"}
