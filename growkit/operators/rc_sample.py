@@ -72,6 +72,9 @@ class RCSample(Operator):
         self._sizes: dict[str, int] = {}
         self._layer_src: list[int] = []
 
+    def settings(self) -> dict[str, Any]:
+        return {"estimator": self.estimator_name, "resample_all": self.resample_all, "rank": self.rank}
+
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps:
         from growkit.measure.fit import fit_axes
