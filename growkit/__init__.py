@@ -9,6 +9,12 @@ _LAZY = {
     "grow_model": "growkit.pipeline",
     "load_checkpoint": "growkit.checkpoint.reader",
     "GrowkitError": "growkit.errors",
+    "push": "growkit.hub.push",
+    "run_recipe": "growkit.recipe",
+    "write_model_card": "growkit.hub.card",
+    "train": "growkit.train",
+    "mup_param_groups": "growkit.train.mup",
+    "inspect": "growkit.measure.report",
 }
 
 

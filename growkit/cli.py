@@ -17,10 +17,18 @@ import typer  # noqa: E402
 
 from growkit.errors import GrowkitError  # noqa: E402
 from growkit.grow_command import grow_command  # noqa: E402
+from growkit.hub.push import push_command  # noqa: E402
+from growkit.measure.command import inspect_command  # noqa: E402
+from growkit.recipe import run_command  # noqa: E402
+from growkit.train.cli import train_command  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")
 app.command("grow")(grow_command)
+app.command("push")(push_command)
+app.command("run")(run_command)
+app.command("train")(train_command)
+app.command("inspect")(inspect_command)
 
 
 @app.callback()
