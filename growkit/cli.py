@@ -10,10 +10,12 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.grow_command import grow_command
+from growkit.shrink_command import shrink_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")
 app.command("grow")(grow_command)
+app.command("shrink")(shrink_command)
 
 
 @app.callback()

@@ -7,8 +7,11 @@ from typing import Any
 from growkit.errors import GrowkitError
 from growkit.operators.base import Operator
 from growkit.operators.width import Clone, CopyPad, Net2Net
+from growkit.operators.shrink import Select, Subclone
 
 OPERATORS: dict[str, type[Operator]] = {op.name: op for op in (Clone, CopyPad, Net2Net)}
+OPERATORS[Subclone.name] = Subclone
+OPERATORS[Select.name] = Select
 
 
 def get_operator(name: str, **options: Any) -> Operator:
