@@ -10,8 +10,6 @@ from growkit.operators.width import Clone, CopyPad, Net2Net
 from growkit.operators.shrink import Select, Subclone
 
 OPERATORS: dict[str, type[Operator]] = {op.name: op for op in (Clone, CopyPad, Net2Net)}
-OPERATORS[Subclone.name] = Subclone
-OPERATORS[Select.name] = Select
 
 
 def get_operator(name: str, **options: Any) -> Operator:
@@ -19,3 +17,7 @@ def get_operator(name: str, **options: Any) -> Operator:
     if name not in OPERATORS:
         raise GrowkitError(f"unknown method {name!r}; choose one of {', '.join(sorted(OPERATORS))}")
     return OPERATORS[name](**options)
+
+
+OPERATORS[Subclone.name] = Subclone
+OPERATORS[Select.name] = Select
