@@ -15,32 +15,40 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.grow_command import run_resize
+from growkit.operators.shrink import DEFAULT_RESCALE, RESCALE_MODES
 from growkit.pipeline import GrowResult, grow
 
 Opt = typer.Option
 SHRINK_METHODS = "subclone | select | rc-sample"
 
 
-def shrink_options(method: str, calibration: list[str | Path] | str | Path | None, tokenizer: str | Path | None,
-                   calibration_tokens: int | None, rescale: str | None,
+#: Options that only one shrinking method reads, by method.
+METHOD_OPTIONS = {"subclone": ("calibration", "tokenizer", "calibration_tokens", "rescale"), "rc-sample": ("estimator",)}
+
+
+def shrink_options(method: str, calibration: list[str | Path] | str | Path | None = None,
+                   tokenizer: str | Path | None = None, calibration_tokens: int | None = None,
+                   rescale: str | None = None, estimator: str | None = None,
                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Operator options for a shrink, JSON-ready for the provenance; subclone records where importance came from."""
+    """Operator options for a shrink, JSON-ready for the provenance; subclone records where importance came from
+    and its rescale mode. An option meant for another method is an error, not silently ignored."""
     if isinstance(calibration, (str, Path)):
         calibration = [calibration]
-    options: dict[str, Any] = dict(extra or {})
     given = {k: v for k, v in dict(calibration=[str(c) for c in calibration or []] or None,
                                     tokenizer=None if tokenizer is None else str(tokenizer),
-                                    calibration_tokens=calibration_tokens, rescale=rescale).items() if v is not None}
-    if method != "subclone":
-        if given:
-            raise GrowkitError(f"--method {method} does not use {', '.join('--' + k.replace('_', '-') for k in given)}"
-                               " (only subclone does)")
-        return options
+                                    calibration_tokens=calibration_tokens, rescale=rescale,
+                                    estimator=estimator).items() if v is not None}
+    for key in given:
+        owner = next(m for m, keys in METHOD_OPTIONS.items() if key in keys)
+        if owner != method:
+            raise GrowkitError(f"--method {method} does not use --{key.replace('_', '-')} (only {owner} does)")
     for path in given.get("calibration", []):
         if not Path(path).is_file():
             raise GrowkitError(f"{path}: calibration file not found")
-    options.update(given)
-    options.setdefault("importance", "activations" if given.get("calibration") else "weights")
+    options: dict[str, Any] = {**dict(extra or {}), **given}
+    if method == "subclone":
+        options.setdefault("importance", "activations" if given.get("calibration") else "weights")
+        options.setdefault("rescale", DEFAULT_RESCALE)
     return options
 
 
@@ -48,7 +56,8 @@ def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float
            hidden: int | None = None, ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
            layers: str | int | None = None, method: str = "subclone",
            calibration: list[str | Path] | str | Path | None = None, tokenizer: str | Path | None = None,
-           calibration_tokens: int | None = None, rescale: str | None = None, seed: int = 0,
+           calibration_tokens: int | None = None, rescale: str | None = None, estimator: str | None = None,
+           seed: int = 0,
            dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
            quiet: bool = False, config: str | Path | Mapping[str, Any] | None = None, verify: bool = False,
            allow_pickle: bool = False, allow_nonfinite: bool = False, base_model: str | None = None,
@@ -57,8 +66,9 @@ def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float
 
     `calibration`: text files for activation importance (subclone); without them subclone ranks by weight norms.
     `rescale`: subclone's scale correction, "none" | "norm" | "fanin" (see `growkit.operators.shrink.Subclone`).
+    `estimator`: rc-sample's fitted measure (where that operator is installed).
     """
-    options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, operator_options)
+    options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator, operator_options)
     return grow(src, out, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                 method=method, depth_method=None, seed=seed, dtype=dtype,  # type: ignore[arg-type]
                 max_shard_size=max_shard_size, overwrite=overwrite, quiet=quiet, config=config, verify=verify,
@@ -81,7 +91,8 @@ def shrink_command(
     tokenizer: Annotated[Optional[Path], Opt(help="subclone: tokenizer directory (default: the checkpoint's)")] = None,
     calibration_tokens: Annotated[Optional[int], Opt("--calibration-tokens",
                                                      help="subclone: calibration tokens to use (default 8192)")] = None,
-    rescale: Annotated[Optional[str], Opt(help="subclone: none | norm | fanin (default norm)")] = None,
+    rescale: Annotated[Optional[str], Opt(help=f"subclone: {' | '.join(RESCALE_MODES)} (default {DEFAULT_RESCALE})")] = None,
+    estimator: Annotated[Optional[str], Opt(help="rc-sample: empirical | kde | gaussian")] = None,
     seed: Annotated[int, Opt(help="Random seed")] = 0,
     dtype: Annotated[Optional[str], Opt(help="Output dtype (default: the source's)")] = None,
     max_shard_size: Annotated[str, Opt("--max-shard-size", help="Largest shard, e.g. 5GB or 500MiB")] = "5GB",
@@ -95,7 +106,7 @@ def shrink_command(
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar")] = False,
 ) -> None:
     """Shrink a checkpoint in width and/or depth (subclone: keep the most important neurons, heads and blocks)."""
-    operator_options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale)
+    operator_options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator)
     options = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
                    depth_method=None, seed=seed, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                    base_model=base_model, allow_nonfinite=allow_nonfinite, direction="shrink",

@@ -187,7 +187,7 @@ def test_subclone_grows_by_ranked_duplication(tiny, tmp_path):
     ("gpt2", dict(hidden=16), "GPT-2 fixes head_dim"),
     ("gpt2", dict(), "nothing to shrink"),
     ("gpt2", dict(width="0.5x", method="clone"), "--method clone cannot shrink a model"),
-    ("gpt2", dict(width="0.5x", method="select", calibration=["x.txt"]), "--method select does not use --calibration"),
+    ("gpt2", dict(width="0.5x", method="select", calibration=["x.txt"]), "--method select does not use --calibration (only subclone does)"),
     ("gpt2", dict(width="0.5x", calibration=["/nonexistent/calib.txt"]), "calibration file not found"),
     ("gpt2", dict(width="0.5x", rescale="both"), "rescale must be one of"),
 ])

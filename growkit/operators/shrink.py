@@ -26,6 +26,7 @@ from growkit.operators.importance import (
 from growkit.plan import GrowthPlan
 
 RESCALE_MODES = ("none", "norm", "fanin")
+DEFAULT_RESCALE = "norm"
 IMPORTANCE_SOURCES = ("activations", "weights")
 
 
@@ -94,7 +95,7 @@ class Subclone(Operator):
     directions = ("grow", "shrink")
 
     def __init__(self, calibration: Sequence[str | Path] | str | None = None, tokenizer: str | Path | None = None,
-                 calibration_tokens: int = 8192, seq_len: int = 256, rescale: str = "norm",
+                 calibration_tokens: int = 8192, seq_len: int = 256, rescale: str = DEFAULT_RESCALE,
                  importance: str | None = None) -> None:
         if isinstance(calibration, (str, Path)):
             calibration = [calibration]
