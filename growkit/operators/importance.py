@@ -9,7 +9,8 @@ the per-layer tensor names). Hooks on those modules see exactly what each axis c
   over its query group (so a GQA group is kept or dropped whole);
 - a residual-stream coordinate's is its mean |value| after every norm (what every reader sees), each norm site
   weighted equally, summed over the whole network (the stream is one axis);
-- a block's is how much it changes the stream: mean_t ||out - in|| / ||in||.
+- a block's is how much it changes the stream: sum_t ||out - in|| / sum_t ||in|| (a ratio of sums, so tokens whose
+  embedding is near zero cannot dominate).
 
 Alongside, the energies the fan-in rescaling needs (mean squared contributions) and, per norm site, the share of the
 norm's statistic each coordinate carries (to correct norm gains when coordinates are dropped).
@@ -111,7 +112,8 @@ def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, p
 
     A neuron's score is sqrt(write energy x read energy) (each tensor normalised to mean 1, so no tensor dominates by
     its scale); a hidden coordinate's is the normalised energy summed over every tensor touching the stream
-    (embeddings, readers, writers and norm gains); a block's is the norm of its residual writers.
+    (embeddings, readers, writers and norm gains); a block's is the norm of its residual writers (a poor guide:
+    `Subclone` replaces it by the blocks' relative update on random token ids when it removes blocks).
     """
     hidden = torch.zeros(sizes.hidden)
     ffn_w = [torch.zeros(sizes.ffn) for _ in range(sizes.layers)]
@@ -202,7 +204,8 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     ffn_sq = [torch.zeros(sizes.ffn) for _ in range(L)]
     head_abs = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
     head_sq = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
-    block_rel = torch.zeros(L)
+    block_update = torch.zeros(L)
+    block_stream = torch.zeros(L)
     sites = [n.at(layer) for n in parts.norms for layer in (range(L) if n.per_layer else [None])]
     norm_abs = {s: torch.zeros(sizes.hidden) for s in sites}
     norm_sq = {s: torch.zeros(sizes.hidden) for s in sites}
@@ -249,7 +252,8 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
         def hook(module: Any, args: tuple, kwargs: dict, out: Any) -> None:
             x = flat(args[0] if args else kwargs["hidden_states"])
             y = flat(out[0] if isinstance(out, tuple) else out)
-            block_rel[layer] += float(((y - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-30)).sum())
+            block_update[layer] += float((y - x).norm(dim=-1).sum())
+            block_stream[layer] += float(x.norm(dim=-1).sum())
         return hook
 
     handles = []
@@ -277,6 +281,6 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     hidden = sum(a / a.sum().clamp(min=1e-30) for a in norm_abs.values())
     hidden_energy = sum(s / s.sum().clamp(min=1e-30) for s in norm_sq.values()) / len(sites)
     return Importance(source="activations", hidden=hidden, ffn=ffn, heads=[h / count for h in head_abs],
-                      blocks=block_rel / count, hidden_energy=hidden_energy, ffn_energy=ffn_energy,
+                      blocks=block_update / block_stream.clamp(min=1e-30), hidden_energy=hidden_energy, ffn_energy=ffn_energy,
                       head_energy=[h / count for h in head_sq],
                       norm_share={s: v / count for s, v in norm_share.items()})

@@ -120,17 +120,27 @@ class Subclone(Operator):
         super().check(plan)
         _check_shrink(plan, self.name)
 
-    def measure(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan) -> Importance:
+    def measure(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
+                seed: int = 0) -> Importance:
         """Importance scores of the source model (activations on the calibration text, or weight norms)."""
         parts = ModelParts.of(family, specs)
+        seq_len = min(self.seq_len, plan.source.positions or self.seq_len)
         if self.importance_source == "weights":
-            print("growkit: warning: no calibration text; subclone ranks neurons and blocks by weight norms "
-                  "(pass --calibration FILES to rank them by activations)", file=sys.stderr)
-            return weight_importance(ckpt, specs, plan.source, parts)
-        positions = plan.source.positions or self.seq_len
+            removes_blocks = plan.target.layers < plan.source.layers
+            print("growkit: warning: no calibration text; subclone ranks neurons by weight norms"
+                  + (" and blocks by their update on random token ids" if removes_blocks else "")
+                  + " (pass --calibration FILES to rank them by activations on real text)", file=sys.stderr)
+            imp = weight_importance(ckpt, specs, plan.source, parts)
+            if removes_blocks:
+                # Weight norms say nothing about how much a block changes the stream (the first block, which turns
+                # embeddings into features, has small writers yet the largest relative update); random ids do.
+                gen = torch.Generator().manual_seed(seed)
+                ids = torch.randint(plan.source.vocab, (max(1, self.calibration_tokens // seq_len), seq_len),
+                                    generator=gen)
+                imp.blocks = activation_importance(ckpt, specs, plan.source, parts, ids).blocks
+            return imp
         tokenizer = self.tokenizer if self.tokenizer is not None else ckpt.root
-        tokens = calibration_tokens(self.calibration, tokenizer, min(self.seq_len, positions),
-                                    self.calibration_tokens)
+        tokens = calibration_tokens(self.calibration, tokenizer, seq_len, self.calibration_tokens)
         if int(tokens.max()) >= plan.source.vocab:
             raise GrowkitError(f"calibration: tokenizer {tokenizer} gives token id {int(tokens.max())}, beyond the "
                                f"model's vocabulary of {plan.source.vocab}")
@@ -138,7 +148,7 @@ class Subclone(Operator):
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps:
-        imp = self.scores = self.measure(ckpt, family, specs, plan)
+        imp = self.scores = self.measure(ckpt, family, specs, plan, seed)
         src, tgt = plan.source, plan.target
         identity: set[int] = set()
         if tgt.layers < src.layers:
