@@ -118,18 +118,19 @@ def main() -> None:
 
         targets = {"0.5x width": dict(width="0.5x"), "0.5x width, 2 of 4 layers": dict(width="0.5x", layers=2)}
         variants = {
-            "subclone (rescale norm)": dict(method="subclone", calibration=[calib], rescale="norm"),
-            "subclone (rescale none)": dict(method="subclone", calibration=[calib], rescale="none"),
-            "subclone (rescale fanin)": dict(method="subclone", calibration=[calib], rescale="fanin"),
-            "subclone, no calibration (weight norms)": dict(method="subclone"),
+            "subclone (default: rescale fanin)": dict(method="subclone", calibration=[calib]),
+            "subclone, rescale norm": dict(method="subclone", calibration=[calib], rescale="norm"),
+            "subclone, rescale none": dict(method="subclone", calibration=[calib], rescale="none"),
+            "subclone, no calibration": dict(method="subclone"),
             "select": dict(method="select"),
         }
-        trained_rows = ("subclone (rescale norm)", "select", "random init")
+        main_row = "subclone (default: rescale fanin)"
+        trained_rows = (main_row, "select", "random init")
         for tname, size in targets.items():
             rows: dict = {}
             first_dir = None
             for vname, opts in variants.items():
-                out = work / f"{family}-{tname.replace(' ', '_').replace(',', '')}-{vname.split(' ')[0]}-{len(rows)}"
+                out = work / f"{family}-{'depth' if 'layers' in size else 'width'}-{len(rows)}"
                 t1 = time.time()
                 growkit.shrink(src_dir, out, seed=args.seed, quiet=True, **size, **opts)
                 secs = time.time() - t1
@@ -163,9 +164,9 @@ def main() -> None:
             rows["_parameters"] = sum(p.numel() for p in make_random().parameters())
             fam["targets"][tname] = rows
 
-        for vname in ("subclone (rescale norm)", "select"):
+        for vname in (main_row, "select"):
             shrunk_dir = Path(fam["targets"]["0.5x width"][vname]["dir"])
-            back = growkit.grow(shrunk_dir, work / f"{family}-roundtrip-{vname.split(' ')[0]}", width="2x",
+            back = growkit.grow(shrunk_dir, work / f"{family}-roundtrip-{vname.split(' ')[0].strip(',')}", width="2x",
                                 method="clone", quiet=True)
             regrown, shrunk = load(back.out_dir), load(shrunk_dir)
             with torch.no_grad():
