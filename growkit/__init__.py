@@ -10,6 +10,11 @@ _LAZY = {
     "shrink": "growkit.shrink_command",
     "load_checkpoint": "growkit.checkpoint.reader",
     "GrowkitError": "growkit.errors",
+    "push": "growkit.hub.push",
+    "run_recipe": "growkit.recipe",
+    "write_model_card": "growkit.hub.card",
+    "train": "growkit.train",
+    "mup_param_groups": "growkit.train.mup",
 }
 
 

@@ -42,8 +42,21 @@ def generator_for(seed: int, *parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def _gated_positions(dim: Dim, sizes: list[int], is_weight: bool) -> torch.Tensor:
+    """Positions along a dim whose fresh entries are random rather than zero (see `Dim.gated`)."""
+    total = 1
+    for s in sizes:
+        total *= s
+    if not is_weight or dim.gated is False:
+        return torch.zeros(total, dtype=torch.bool)
+    if dim.gated is True:
+        return torch.ones(total, dtype=torch.bool)
+    section = torch.arange(total) // (total // sizes[0])
+    return torch.isin(section, torch.tensor(dim.gated))
+
+
 def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], maps: list[AxisMap | None],
-                gated: bool) -> tuple[torch.Tensor, _DimPlan]:
+                is_weight: bool) -> tuple[torch.Tensor, _DimPlan]:
     """Gather one dimension factor by factor (reshape, index_select, flatten) and record its per-position plan."""
     lead, trail = list(x.shape[:dim_index]), list(x.shape[dim_index + 1:])
     new_sizes = [m.new if m is not None else s for s, m in zip(sizes, maps)]
@@ -69,12 +82,12 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
         total *= s
     x = x.reshape(lead + [total] + trail)
     group = torch.where(fresh, -1, group)
-    if dim.role == "out" and gated:
-        rand, zero = fresh, torch.zeros_like(fresh)
-    elif dim.role == "elem":
+    if dim.role == "elem":
         rand, zero = torch.zeros_like(fresh), torch.zeros_like(fresh)
     else:
-        zero, rand = zero_side, fresh & ~zero_side
+        gated = _gated_positions(dim, new_sizes, is_weight)
+        zero = zero_side & ~gated
+        rand = fresh & ~zero
     return x, _DimPlan(group=group, scale=scale, zero=zero, rand=rand)
 
 
@@ -112,7 +125,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     for i, dim in enumerate(spec.dims):
         sizes = [axis_sizes[a] for a in dim.axes]
         factor_maps = [maps.get(a, layer) for a in dim.axes]
-        x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.gated and spec.kind == "weight")
+        x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.kind == "weight")
         plans.append(plan)
 
     ndim = x.dim()
@@ -142,7 +155,10 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
         gen = generator_for(opts.seed, "fresh", spec.at(layer))
         x = torch.where(rand, torch.randn(x.shape, generator=gen) * (std or 0.02), x)
     if elem_fresh.any():
-        fill = x[~elem_fresh].mean() if spec.kind == "norm_weight" and (~elem_fresh).any() else torch.tensor(0.0)
+        # Fresh RMSNorm gains scale a zero stream entry, so any value is exact: take the mean so they train like the
+        # rest. Under LayerNorm a zero entry normalises to -mean/std, which a non-zero gain would pass on.
+        live_gain = spec.kind == "norm_weight" and opts.rms_norm and bool((~elem_fresh).any())
+        fill = x[~elem_fresh].mean() if live_gain else torch.tensor(0.0)
         x = torch.where(elem_fresh, fill, x)
     x = torch.where(zero, torch.zeros(()), x)
 

@@ -10,11 +10,17 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.grow_command import grow_command
+from growkit.hub.push import push_command
+from growkit.recipe import run_command
 from growkit.shrink_command import shrink_command
+from growkit.train.cli import train_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")
 app.command("grow")(grow_command)
+app.command("push")(push_command)
+app.command("run")(run_command)
+app.command("train")(train_command)
 app.command("shrink")(shrink_command)
 
 
@@ -31,6 +37,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main() -> None:
     """Run the CLI; user errors print one line and exit 2, with no traceback."""
     signal.signal(signal.SIGTERM, _terminate)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # transformers' advice on configs we did not write is noise here
+    if "--quiet" in sys.argv or "-q" in sys.argv:
+        hf_logging.disable_progress_bar()
     try:
         app()
     except GrowkitError as exc:

@@ -35,7 +35,8 @@ def plan_table(growth: Growth, title: str) -> Table:
 def verification_line(v: dict[str, Any]) -> str:
     keys = "no missing or unexpected keys" if not (v["missing_keys"] or v["unexpected_keys"]) else (
         f"missing {v['missing_keys']}, unexpected {v['unexpected_keys']}")
-    return (f"function preservation: max |Δlogits| = {v['max_abs_dlogits']:.3g}, loss {v['source_loss']:.4f} -> "
+    return (f"function preservation: max |Δlogits| = {v['max_abs_dlogits']:.3g} (max |logit| "
+            f"{v['max_abs_logit']:.3g}), loss {v['source_loss']:.4f} -> "
             f"{v['grown_loss']:.4f} (Δ {v['dloss']:+.3g}) on {v['tokens']}; transformers loaded it with {keys}")
 
 

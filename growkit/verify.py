@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,36 @@ def compare(model_a: Any, model_b: Any, tokens: torch.Tensor) -> dict[str, float
     out_b = model_b(input_ids=tokens, labels=tokens)
     return {
         "max_abs_dlogits": float((out_a.logits - out_b.logits).abs().max()),
+        "max_abs_logit": float(out_a.logits.abs().max()),  # scale of the fp32 rounding in the gap
         "source_loss": float(out_a.loss),
         "grown_loss": float(out_b.loss),
         "dloss": float(out_b.loss - out_a.loss),
     }
 
 
+def text_tokens(directory: Path, length: int) -> torch.Tensor | None:
+    """Real text for the check, when the checkpoint has a tokenizer: the start of the stdlib's `textwrap.py`
+    (present wherever Python is), so the loss means something."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        return None
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    ids = tokenizer(text[: 16 * length], verbose=False)["input_ids"][: 2 * length]
+    return torch.tensor(ids).reshape(2, length) if len(ids) == 2 * length else None
+
+
 def verify_growth(ckpt: Checkpoint, directory: Path, seed: int = 0) -> dict[str, Any]:
-    """Compare the source with the checkpoint written to `directory` on random tokens."""
+    """Compare the source with the checkpoint written to `directory`: on real text when there is a tokenizer,
+    else on random tokens."""
     source = model_from_checkpoint(ckpt)
     grown, info = load_grown(directory)
-    length = min(32, int(ckpt.config.get("n_positions") or ckpt.config.get("max_position_embeddings") or 32))
-    tokens = random_tokens(int(ckpt.config["vocab_size"]), seed=seed, length=length)
-    return {**compare(source, grown, tokens), "tokens": f"random, {tuple(tokens.shape)}, seed {seed}", **info}
+    length = min(64, int(ckpt.config.get("n_positions") or ckpt.config.get("max_position_embeddings") or 64))
+    tokens = text_tokens(directory, length)
+    what = f"stdlib textwrap.py, {2 * length} tokens"
+    if tokens is None:
+        tokens = random_tokens(int(ckpt.config["vocab_size"]), seed=seed, length=length)
+        what = f"random tokens {tuple(tokens.shape)}, seed {seed}"
+    return {**compare(source, grown, tokens), "tokens": what, **info}

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers as T
 
+MODELS = Path(__file__).resolve().parents[1] / "models"
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 

@@ -36,7 +36,8 @@ class GPT2Family(Family):
         layer = [
             TensorSpec(h + "ln_1.weight", hid_e, "norm_weight", per_layer=True),
             TensorSpec(h + "ln_1.bias", hid_e, "norm_bias", per_layer=True),
-            TensorSpec(h + "attn.c_attn.weight", (Dim((HIDDEN,), "in"), Dim((QKV, *_HEADS), "out")), per_layer=True),
+            TensorSpec(h + "attn.c_attn.weight", (Dim((HIDDEN,), "in"), Dim((QKV, *_HEADS), "out", gated=(0, 1))),
+                       per_layer=True),
             TensorSpec(h + "attn.c_attn.bias", (Dim((QKV, *_HEADS), "out"),), "bias", per_layer=True),
             TensorSpec(h + "attn.c_proj.weight", (Dim(_HEADS, "in"), Dim((HIDDEN,), "out")), per_layer=True),
             TensorSpec(h + "attn.c_proj.bias", (Dim((HIDDEN,), "out"),), "bias", per_layer=True),

@@ -43,21 +43,21 @@ class LlamaFamily(Family):
         a, m = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
         hid_in, hid_out = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out")
 
-        def linear(name: str, out: Dim, inp: Dim, bias: bool, gated: bool = False) -> list[TensorSpec]:
-            specs = [TensorSpec(name + ".weight", (out, inp), per_layer=True, gated=gated)]
+        def linear(name: str, out: Dim, inp: Dim, bias: bool) -> list[TensorSpec]:
+            specs = [TensorSpec(name + ".weight", (out, inp), per_layer=True)]
             if bias:
                 specs.append(TensorSpec(name + ".bias", (out,), "bias", per_layer=True))
             return specs
 
         layer = [
             TensorSpec("model.layers.{}.input_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", per_layer=True),
-            *linear(a + "q_proj", Dim(_Q, "out"), hid_in, qkv_bias),
-            *linear(a + "k_proj", Dim(_KV, "out"), hid_in, qkv_bias),
+            *linear(a + "q_proj", Dim(_Q, "out", gated=True), hid_in, qkv_bias),
+            *linear(a + "k_proj", Dim(_KV, "out", gated=True), hid_in, qkv_bias),
             *linear(a + "v_proj", Dim(_KV, "out"), hid_in, qkv_bias),
             *linear(a + "o_proj", hid_out, Dim(_Q, "in"), o_bias),
             TensorSpec("model.layers.{}.post_attention_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight",
                        per_layer=True),
-            *linear(m + "gate_proj", Dim((FFN,), "out"), hid_in, mlp_bias, gated=True),
+            *linear(m + "gate_proj", Dim((FFN,), "out", gated=True), hid_in, mlp_bias),
             *linear(m + "up_proj", Dim((FFN,), "out"), hid_in, mlp_bias),
             *linear(m + "down_proj", hid_out, Dim((FFN,), "in"), mlp_bias),
         ]

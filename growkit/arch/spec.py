@@ -38,6 +38,10 @@ class Dim:
 
     axes: tuple[str, ...]
     role: Role
+    #: Writers whose fresh rows get small random values instead of zeros, because a partner writer's zero already
+    #: silences the neuron and two zero factors would leave it at a saddle with no gradient (SwiGLU's gate beside
+    #: `up`; query and key beside value). True for the whole dim, or the sections of a leading QKV factor.
+    gated: bool | tuple[int, ...] = False
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,6 @@ class TensorSpec:
     dims: tuple[Dim, ...]
     kind: Kind = "weight"
     per_layer: bool = False
-    gated: bool = False  # multiplicative partner (SwiGLU gate): fresh rows get small random values, not zeros
     final_norm: bool = False  # with a tied head, this norm carries the head's fan-in correction
 
     def at(self, layer: int | None) -> str:

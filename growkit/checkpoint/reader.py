@@ -248,8 +248,6 @@ def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: 
             state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
         except Exception as exc:  # torch raises many types for a bad pickle; all mean the same to the user
             raise GrowkitError(f"{file}: cannot load pickle weights safely ({type(exc).__name__}: {exc})") from None
-    cfg = _directory_config(directory, config) if root is not None or config is not None else _read_json(
-        directory / "config.json")
-    ckpt = StateDictCheckpoint(state, cfg, source=str(root or shown))
+    ckpt = StateDictCheckpoint(state, _directory_config(directory, config), source=str(root or shown))
     ckpt.root = root or directory
     return ckpt

@@ -96,8 +96,10 @@ class CheckpointWriter:
         if self.out.exists() and not self.out.is_dir():
             raise GrowkitError(f"{self.out}: output exists and is not a directory")
         parent = self.out.parent
-        if not parent.is_dir():
-            raise GrowkitError(f"{parent}: output's parent directory does not exist")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GrowkitError(f"{parent}: cannot create the output's parent directory ({exc.strerror})") from None
         if not os.access(parent, os.W_OK):
             raise GrowkitError(f"{parent}: output directory is not writable")
         self.overwrite = overwrite

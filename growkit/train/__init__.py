@@ -1,0 +1,43 @@
+"""Continued training of (grown) checkpoints: data blocks, µP groups, the Accelerate loop, metrics.
+
+`growkit.train` is both this package and the training entry point: the module is callable, so
+`growkit.train(ckpt, data, out, steps=...)` works whether or not a submodule was imported first (importing a
+submodule rebinds the package attribute `growkit.train` to this module, which would otherwise shadow a function).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+__all__ = ["train", "fit", "mup_param_groups", "TrainConfig", "TrainResult", "TokenBlocks", "evaluate"]
+
+_LAZY = {
+    "train": "growkit.train.loop",
+    "fit": "growkit.train.loop",
+    "evaluate": "growkit.train.loop",
+    "TrainConfig": "growkit.train.loop",
+    "TrainResult": "growkit.train.loop",
+    "mup_param_groups": "growkit.train.mup",
+    "TokenBlocks": "growkit.train.blocks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'growkit.train' has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Same as `growkit.train.loop.train`."""
+        from growkit.train.loop import train
+
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,99 @@
+"""LR transfer: does the small model's best learning rate stay best for the grown model with µP groups?
+
+    python benchmarks/bench_lr_transfer.py                  # GPT-2 and Llama, 5 LRs, 3 settings each
+
+Three sweeps over the same 5 peak LRs (factor 2 apart), same recipe and block order as bench_speedup:
+1. the small model (bundled config: d 64, 2 layers) trained from a fixed random init for S steps;
+2. the bundled small model grown 2x in width (clone + symmetric noise) and trained S more steps with µP groups
+   (matrices whose fan-in doubled get lr/2);
+3. the same grown model trained S steps with one LR for every parameter (standard parametrization).
+Reported: final validation loss per LR, and where each optimum lies (log2 steps from the small model's optimum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from _train_common import REPO, fmt, make_accelerator, run, save_json, stdlib_blocks
+
+NOISE_DB = 10.0
+
+
+def sweep(arch: str, args, acc, train_blocks, val_blocks) -> dict:
+    import transformers as T
+
+    import growkit
+
+    bundled = T.AutoModelForCausalLM.from_pretrained(REPO / "models" / f"tiny-{arch}", dtype=torch.float32)
+    rows: dict[str, list[float]] = {"small (scratch init)": [], "grown, µP": [], "grown, no µP": []}
+    start = {}
+    for lr in args.lrs:
+        torch.manual_seed(args.seed)
+        small = T.AutoModelForCausalLM.from_config(bundled.config)
+        c = run(small, "small", train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
+                seed=args.seed, accelerator=acc, batch_size=args.batch)
+        rows["small (scratch init)"].append(c.losses[-1])
+        for label, base in (("grown, µP", bundled.config), ("grown, no µP", None)):
+            grown = growkit.grow_model(bundled, width=2, method="clone", noise_snr_db=NOISE_DB, seed=args.seed)
+            c = run(grown, label, train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
+                    seed=args.seed, accelerator=acc, base_config=base, batch_size=args.batch)
+            start[label] = c.losses[0]
+            rows[label].append(c.losses[-1])
+        print(f"[{arch}] lr {lr:g}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in rows.items()), flush=True)
+    best = {k: args.lrs[min(range(len(v)), key=lambda i: v[i] if math.isfinite(v[i]) else float("inf"))]
+            for k, v in rows.items()}
+    return {"arch": arch, "lrs": args.lrs, "rows": rows, "best": best, "grown_start_loss": start}
+
+
+def table(res: dict, steps: int) -> str:
+    lrs = res["lrs"]
+    ref = res["best"]["small (scratch init)"]
+    head = "| setting | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | shift vs small (log2) |"
+    lines = [f"**{res['arch']}** (final val loss after {steps} steps; grown models start at "
+             f"{res['grown_start_loss']['grown, µP']:.4f})\n", head, "|---" * (len(lrs) + 3) + "|"]
+    for k, v in res["rows"].items():
+        bi = lrs.index(res["best"][k])
+        cells = [("**" + fmt(x, ".4f") + "**") if i == bi else fmt(x, ".4f") for i, x in enumerate(v)]
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {res['best'][k]:g} | {math.log2(res['best'][k] / ref):+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    ap.add_argument("--steps", type=int, default=300, help="steps per run (small from init; grown after growth)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/lr-transfer-<archs>]")
+    args = ap.parse_args()
+    default_out = REPO / "benchmarks" / "results" / f"lr-transfer-{'-'.join(args.arch)}"
+    args.out = args.out or default_out
+    torch.set_num_threads(args.threads)
+    import transformers as T
+
+    t0 = time.time()
+    tok = T.AutoTokenizer.from_pretrained(REPO / "models" / "tokenizer")
+    train_blocks, val_blocks = stdlib_blocks(tok)
+    acc = make_accelerator()
+    results = [sweep(a, args, acc, train_blocks, val_blocks) for a in args.arch]
+    cmd = (f"python benchmarks/bench_lr_transfer.py --arch {' '.join(args.arch)} --steps {args.steps} "
+           f"--lrs {' '.join(f'{x:g}' for x in args.lrs)} --batch {args.batch} --seed {args.seed} --threads {args.threads}"
+           + (f" --out {args.out}" if args.out != default_out else ""))
+    md = "\n".join(table(r, args.steps) for r in results)
+    save_json(args.out / "lr_transfer.json", {"command": cmd, "torch": torch.__version__,
+                                              "python": platform.python_version(), "seconds": round(time.time() - t0),
+                                              "results": results})
+    (args.out / "lr_transfer.md").write_text(f"`{cmd}` ({time.time() - t0:.0f} s)\n\n{md}")
+    print(f"\n`{cmd}` ({time.time() - t0:.0f} s)\n\n{md}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Growth vs scratch: how many steps does a grown model need to reach what scratch reaches in N steps?
+
+    python benchmarks/bench_speedup.py                       # both families, every growth operator on main
+    python benchmarks/bench_speedup.py --arch gpt2 --steps 600  # quicker look
+
+Protocol (DESIGN.md section 5.2): a small model with the bundled architecture (models/tiny-*: d 64, 2 layers) is
+trained from a seeded init for S steps on the stdlib train split; it is grown 2x in width by every width operator
+on main and 2x in depth by `stack` and `identity`; the same-size model from scratch (seed 0) trains N steps. Every
+run uses the same recipe (AdamW 0.9/0.95, wd 0.1, warm-up 5%, cosine to 10%, batch B x 128, clip 1.0), the same
+block order and the same 128 validation blocks. Grown runs use µP groups relative to the small model (the LR is
+the small model's) and stop once they reach scratch's final validation loss (their schedule stays that of N
+steps, which is conservative for them). Compute is 6N + 6LTd FLOPs per token (embedding lookups excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from _train_common import REPO, SEQ, flops_per_token, fmt, make_accelerator, run, save_json, stdlib_blocks
+
+RESULTS = REPO / "benchmarks" / "results"
+NOISE_DB = 10.0  # symmetric noise at 10 dB below the weight std (0.32 x std), DESIGN.md section 2
+
+
+def width_variants() -> list[tuple[str, dict]]:
+    from growkit.operators import OPERATORS
+
+    out = [("clone", dict(method="clone")), (f"clone+noise {NOISE_DB:g} dB", dict(method="clone", noise_snr_db=NOISE_DB))]
+    for name in sorted(OPERATORS):
+        if name not in ("clone", "subclone", "select"):
+            out.append((name, dict(method=name)))
+    return out
+
+
+def depth_variants() -> list[tuple[str, dict]]:
+    return [("depth stack", dict(depth_method="stack")), ("depth identity", dict(depth_method="identity"))]
+
+
+def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
+    import transformers as T
+
+    import growkit
+
+    bundled_cfg = T.AutoConfig.from_pretrained(REPO / "models" / f"tiny-{arch}")
+    torch.manual_seed(args.seed)
+    small = T.AutoModelForCausalLM.from_config(bundled_cfg)
+    small_curve = run(small, "small", train_blocks, val_blocks, steps=args.small_steps, lr=args.lr,
+                      eval_every=args.eval_every, seed=args.seed, accelerator=acc, batch_size=args.batch)
+    small_loss = small_curve.losses[-1]
+    tokens_per_step = args.batch * SEQ
+    small_flops = args.small_steps * tokens_per_step * flops_per_token(small.config, SEQ)
+    print(f"[{arch}] small model: {args.small_steps} steps -> val loss {small_loss:.4f} "
+          f"({small_flops:.3g} FLOPs, {small_curve.seconds:.0f}s)", flush=True)
+    result = {"arch": arch, "small_val_loss": small_loss, "small_flops": small_flops, "small_steps": args.small_steps,
+              "small_seconds": round(small_curve.seconds, 1), "small_curve": small_curve.as_dict(), "groups": []}
+
+    for kind, variants, grow_kw in (("width 2x", width_variants(), dict(width=2)),
+                                    ("depth 2x", depth_variants(), dict(layers="2x"))):
+        target_cfg = growkit.grow_model(small, **grow_kw).config
+        torch.manual_seed(args.seed)
+        scratch_model = T.AutoModelForCausalLM.from_config(target_cfg)
+        big_fpt = flops_per_token(target_cfg, SEQ)
+        scratch = run(scratch_model, f"scratch ({kind})", train_blocks, val_blocks, steps=args.steps, lr=args.lr,
+                      eval_every=args.eval_every, seed=args.seed, accelerator=acc, batch_size=args.batch)
+        target = scratch.losses[-1]
+        print(f"[{arch}] {kind} scratch: {args.steps} steps -> val {target:.4f} ({scratch.seconds:.0f}s); "
+              f"small model {small_loss:.4f}{'' if target < small_loss else '  (scratch did NOT beat the small model)'}",
+              flush=True)
+        group = {"kind": kind, "params": sum(p.numel() for p in scratch_model.parameters()), "flops_per_token": big_fpt,
+                 "scratch": scratch.as_dict(), "target": target, "rows": []}
+        del scratch_model
+        for label, kw in variants:
+            grown = growkit.grow_model(small, **grow_kw, **kw, seed=args.seed)
+            curve = run(grown, label, train_blocks, val_blocks, steps=args.steps, lr=args.lr,
+                        eval_every=args.eval_every, seed=args.seed, accelerator=acc, base_config=small.config,
+                        stop_below=target, batch_size=args.batch)
+            reach = curve.first_step_at_or_below(target)
+            speedup = args.steps / reach if reach else None
+            scratch_flops = args.steps * tokens_per_step * big_fpt
+            total = (reach * tokens_per_step * big_fpt + small_flops) if reach is not None else None
+            row = {"operator": label, "loss_after_growth": curve.losses[0], "steps_to_target": reach,
+                   "speedup": speedup, "speedup_with_small": scratch_flops / total if total else None,
+                   "best_loss": min(curve.losses), "steps_run": curve.completed, "seconds": round(curve.seconds, 1),
+                   "curve": curve.as_dict()}
+            group["rows"].append(row)
+            print(f"[{arch}] {kind} {label}: after growth {curve.losses[0]:.4f}, reach {fmt(reach, '.0f')} steps, "
+                  f"speed-up {fmt(speedup, '.2f')}x, counting small {fmt(row['speedup_with_small'], '.2f')}x "
+                  f"({curve.seconds:.0f}s)", flush=True)
+            del grown
+        result["groups"].append(group)
+    return result
+
+
+def table(res: dict, steps: int) -> str:
+    lines = []
+    for g in res["groups"]:
+        lines.append(f"**{res['arch']} {g['kind']}** ({g['params']:,} params): small model val loss "
+                     f"{res['small_val_loss']:.4f} after {res['small_steps']} steps; scratch after {steps} steps "
+                     f"{g['target']:.4f}"
+                     f"{'' if g['target'] < res['small_val_loss'] else ' (does not beat the small model)'}\n")
+        lines.append("| operator | val loss after growth | steps to scratch's final loss | speed-up (large phase) "
+                     "| speed-up counting small-model FLOPs | best val loss seen | wall s |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for r in g["rows"]:
+            reach = fmt(r["steps_to_target"], ".0f") if r["steps_to_target"] is not None else f"not reached in {steps}"
+            lines.append(f"| {r['operator']} | {r['loss_after_growth']:.4f} | {reach} | {fmt(r['speedup'], '.2f')}x | "
+                         f"{fmt(r['speedup_with_small'], '.2f')}x | {r['best_loss']:.4f} | {r['seconds']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(r, g) for r in results for g in r["groups"]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), dpi=100, squeeze=False)
+    for ax, (r, g) in zip(axes[0], groups):
+        s = g["scratch"]
+        ax.plot(s["steps"], s["losses"], "k-", lw=2, label="scratch")
+        for row in g["rows"]:
+            c = row["curve"]
+            ax.plot(c["steps"], c["losses"], lw=1.3, label=row["operator"])
+        ax.axhline(r["small_val_loss"], color="gray", ls=":", label="small model")
+        ax.axhline(g["target"], color="k", ls="--", lw=0.8)
+        ax.set_title(f"{r['arch']} {g['kind']}")
+        ax.set_xlabel("steps after growth")
+        ax.set_ylabel("validation loss")
+        lo = min(min(g["scratch"]["losses"]), *(min(x["curve"]["losses"]) for x in g["rows"]))
+        ax.set_ylim(lo - 0.05, r["small_val_loss"] + 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    ap.add_argument("--steps", type=int, default=800, help="scratch steps N (also the grown runs' cap)")
+    ap.add_argument("--small-steps", type=int, default=800, help="steps S of the small model before growth")
+    ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak LR (the small models' LR; µP scales grown matrices)")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/speedup-<archs>]")
+    args = ap.parse_args()
+    default_out = RESULTS / f"speedup-{'-'.join(args.arch)}"
+    args.out = args.out or default_out
+    torch.set_num_threads(args.threads)
+    import transformers as T
+
+    t0 = time.time()
+    tok = T.AutoTokenizer.from_pretrained(REPO / "models" / "tokenizer")
+    train_blocks, val_blocks = stdlib_blocks(tok)
+    acc = make_accelerator()
+    results = [bench_family(a, args, acc, tok, train_blocks, val_blocks) for a in args.arch]
+    cmd = "python benchmarks/bench_speedup.py " + " ".join(
+        [f"--arch {' '.join(args.arch)}", f"--steps {args.steps}", f"--small-steps {args.small_steps}",
+         f"--batch {args.batch}", f"--lr {args.lr:g}", f"--eval-every {args.eval_every}", f"--seed {args.seed}",
+         f"--threads {args.threads}"] + ([f"--out {args.out}"] if args.out != default_out else []))
+    md = "\n".join(table(r, args.steps) for r in results)
+    save_json(args.out / "speedup.json", {"command": cmd, "torch": torch.__version__, "python": platform.python_version(),
+                                          "seconds": round(time.time() - t0), "results": results})
+    plot(results, args.out / "speedup.png")
+    (args.out / "speedup.md").write_text(f"`{cmd}` ({time.time() - t0:.0f} s)\n\n{md}\n")
+    print(f"\n`{cmd}` ({time.time() - t0:.0f} s)\n\n{md}")
+
+
+if __name__ == "__main__":
+    main()

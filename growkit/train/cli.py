@@ -1,0 +1,41 @@
+"""`growkit train`: continued training of a checkpoint (the typer command; the work is in growkit.train.loop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def train_command(
+    checkpoint: Path = typer.Argument(..., help="Model directory (HF format, with tokenizer), e.g. a grown checkpoint."),
+    more_data: Optional[List[Path]] = typer.Argument(None, hidden=True, help="Further data paths after --data."),
+    data: List[Path] = typer.Option([], "--data", "-d", help="Text/JSONL files or directories (repeat, or list after it)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (checkpoints, metrics, final model)."),
+    steps: int = typer.Option(1000, help="Optimizer steps."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (the small model's, with µP)."),
+    batch_size: int = typer.Option(8, help="Sequences per process per micro-step."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default: min(512, model positions))."),
+    grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
+    warmup: Optional[int] = typer.Option(None, help="Warm-up steps (default: 5% of steps)."),
+    schedule: str = typer.Option("cosine", help="cosine | constant | linear."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices and embeddings only)."),
+    mup: Optional[bool] = typer.Option(None, "--mup/--no-mup", help="µP LR groups (default: on when a base is known)."),
+    base_width: str = typer.Option("auto", help="µP base hidden size: 'auto' (from growkit.json) or N."),
+    mixed_precision: str = typer.Option("no", help="no | bf16 | fp16."),
+    eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out text/JSONL for evaluation."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: steps/10 with --eval-data)."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (needed for --resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    seed: int = typer.Option(0, help="Seed for data order and RNG."),
+    text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Continue training a checkpoint with Accelerate (works under torchrun / accelerate launch), µP LR groups."""
+    from growkit.train.loop import train
+
+    train(checkpoint, [*data, *(more_data or [])], out, eval_data=eval_data or None, resume=resume,
+          text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+          warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup, base_width=base_width,
+          mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every, seed=seed, quiet=quiet)
