@@ -56,7 +56,8 @@ def _check_shrink(plan: GrowthPlan, name: str) -> None:
 
 
 class Select(Operator):
-    """Weight selection: evenly strided neurons on every axis, whole heads, evenly strided layers; no data needed."""
+    """Weight selection: evenly strided neurons on every axis (0, old/new, 2 old/new, ...), whole heads (whole GQA
+    groups, and the same query slots in each), evenly strided layers starting with the first; no data needed."""
 
     name = "select"
     directions = ("shrink",)
@@ -90,6 +91,8 @@ class Subclone(Operator):
     reader's kept fan-in by sqrt(source energy / kept energy) (per FFN, per attention output, and once for the
     residual stream), so the readers' outputs keep their source scale. "fanin" is the default: it gave the lowest
     loss right after a 0.5x width shrink on both trained sources in benchmarks/bench_shrink.py (see RESULTS.md).
+    Without calibration there are no norm statistics, so the gain correction is skipped and "fanin" uses the
+    weight-norm scores squared as energies.
     """
 
     name = "subclone"
