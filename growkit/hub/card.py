@@ -15,14 +15,12 @@ Provenance keys beyond the core format (CONTRACT.md), all optional:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from growkit.errors import GrowkitError
 
 AXES = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "layers", "vocab")
 # The Hub's model tree knows adapter / merge / quantized / finetune; a grown model is a derived full checkpoint
@@ -232,16 +230,3 @@ def _api_call(provenance: dict) -> str:
     fn = "shrink" if provenance.get("kind") == "shrink" else "grow"
     return f"import growkit\n\ngrowkit.{fn}({', '.join(args)})"
 
-
-def load_provenance(out_dir: Path) -> dict:
-    """Read `out_dir/growkit.json`, with a one-line error naming the file."""
-    path = Path(out_dir) / "growkit.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GrowkitError(f"{path}: missing (not a growkit output directory?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GrowkitError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise GrowkitError(f"{path}: not a JSON object")
-    return data
