@@ -35,7 +35,8 @@ from typing import Any, Callable
 import typer
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
 from growkit.errors import GrowkitError
@@ -350,7 +351,8 @@ def _plan_lines(recipe: Recipe, source: Path, growth: Any, grown_out: Path, out:
     if recipe.eval is not None:
         lines.append(f"  eval on {', '.join(recipe.eval.data)} ({recipe.eval.blocks} blocks of {recipe.eval.seq_len})")
     if recipe.push is not None:
-        lines.append(f"  push to {recipe.push.repo_id}" + (f" ({recipe.push.revision})" if recipe.push.revision else ""))
+        branch = f" ({recipe.push.revision})" if recipe.push.revision else ""
+        lines.append(f"  push to {recipe.push.repo_id}{branch}")
     return lines
 
 

@@ -167,8 +167,9 @@ def _verification(verification: dict | None) -> str:
     if not verification:
         return "Not measured for this checkpoint (`growkit grow --verify` measures it)."
     lines = ["Grown model vs. source on the same input (fp32):", ""]
-    labels = {"max_abs_dlogits": "max \\|Δlogits\\|", "dloss": "Δloss (grown − source)", "source_loss": "source loss",
-              "grown_loss": "grown loss", "tokens": "input tokens", "max_abs_logit": "max \\|logit\\| (for scale)"}
+    labels = {"max_abs_dlogits": "max \\|Δlogits\\|", "dloss": "Δloss (grown − source)",
+              "source_loss": "source loss", "grown_loss": "grown loss", "tokens": "input tokens",
+              "max_abs_logit": "max \\|logit\\| (for scale)"}
     for key, value in verification.items():
         if value is not None and value != []:
             lines.append(f"- {labels.get(key, key)}: {_num(value)}")
