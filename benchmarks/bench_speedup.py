@@ -76,6 +76,8 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
                  "scratch": scratch.as_dict(), "target": target, "rows": []}
         del scratch_model
         for label, kw in variants:
+            if args.operators and label not in args.operators:
+                continue
             grown = growkit.grow_model(small, **grow_kw, **kw, seed=args.seed)
             curve = run(grown, label, train_blocks, val_blocks, steps=args.steps, lr=args.lr,
                         eval_every=args.eval_every, seed=args.seed, accelerator=acc, base_config=small.config,
@@ -180,6 +182,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--kinds", nargs="+", default=["width", "depth"], choices=["width", "depth"])
+    ap.add_argument("--operators", nargs="*", default=None, help="only these rows (labels as in the table)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25],
                     help="fractions f of N for budget-matched clone+noise runs with their own schedule")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR (the small models' LR; µP scales grown matrices)")
@@ -202,6 +205,7 @@ def main() -> None:
          f"--batch {args.batch}", f"--lr {args.lr:g}", f"--eval-every {args.eval_every}", f"--seed {args.seed}",
          f"--threads {args.threads}"]
         + ([f"--kinds {' '.join(args.kinds)}"] if args.kinds != ["width", "depth"] else [])
+        + ([f"--operators {' '.join(repr(o) if ' ' in o else o for o in args.operators)}"] if args.operators else [])
         + ([f"--budgets {' '.join(f'{b:g}' for b in args.budgets)}"] if args.budgets != [0.5, 0.25] else [])
         + ([f"--out {args.out}"] if args.out != default_out else []))
     md = "\n".join(table(r, args.steps) for r in results)
