@@ -11,6 +11,7 @@ import typer
 from growkit.errors import GrowkitError
 from growkit.grow_command import grow_command
 from growkit.hub.push import push_command
+from growkit.measure.command import inspect_command
 from growkit.recipe import run_command
 from growkit.train.cli import train_command
 
@@ -20,6 +21,7 @@ app.command("grow")(grow_command)
 app.command("push")(push_command)
 app.command("run")(run_command)
 app.command("train")(train_command)
+app.command("inspect")(inspect_command)
 
 
 @app.callback()

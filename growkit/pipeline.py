@@ -208,7 +208,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
                          direction=direction, operator_options=operator_options)
     out_dtype = parse_dtype(dtype) or ckpt.storage_dtype()
     options = {"seed": seed, "noise_snr_db": noise_snr_db, "dtype": str(out_dtype).removeprefix("torch."),
-               "base_model": base_model, **dict(operator_options or {})}
+               "base_model": base_model, **dict(operator_options or {}), **growth.operator.settings()}
     provenance = provenance_for(growth, str(src), command, options)
     new_config = _config_with_dtype(growth.config, out_dtype)
     metadata = {"format": "pt", "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "operator",
