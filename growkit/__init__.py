@@ -15,6 +15,7 @@ _LAZY = {
     "write_model_card": "growkit.hub.card",
     "train": "growkit.train",
     "mup_param_groups": "growkit.train.mup",
+    "inspect": "growkit.measure.report",
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from growkit.arch.spec import HIDDEN, Dim, TensorSpec
@@ -71,7 +72,8 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
         else:
             src, f, s = m.src, m.fresh, m.reader_scale()
             z = m.fresh_zero_side == dim.role
-            x = x.index_select(len(lead) + k, src.clamp(min=0))
+            if not (m.new == m.old and bool(torch.equal(src, torch.arange(m.old)))):  # identity: nothing to move
+                x = x.index_select(len(lead) + k, src.clamp(min=0))
         # Row-major product of the factors: extend every per-position vector by this factor.
         group = (group[:, None] * size + src.clamp(min=0)[None, :]).reshape(-1)
         fresh_k = (fresh[:, None] | f[None, :]).reshape(-1)
@@ -91,6 +93,34 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
     return x, _DimPlan(group=group, scale=scale, zero=zero, rand=rand)
 
 
+_CHUNK = 1 << 20
+
+
+def stable_mean(x: torch.Tensor) -> float:
+    """Mean summed in float64, chunk by chunk in a fixed order (numpy, one thread).
+
+    torch's own reductions split the work by thread count, so their last bits, and every value computed from them,
+    would change with `torch.set_num_threads`; growth must give byte-identical files whatever the thread count.
+    """
+    flat = x.detach().reshape(-1).contiguous().numpy()
+    if flat.size == 0:
+        return 0.0
+    return sum(float(flat[i:i + _CHUNK].sum(dtype=np.float64)) for i in range(0, flat.size, _CHUNK)) / flat.size
+
+
+def stable_std(x: torch.Tensor) -> float:
+    """Sample standard deviation (n - 1), thread-count independent like `stable_mean`; 0 for fewer than 2 values."""
+    flat = x.detach().reshape(-1).contiguous().numpy()
+    if flat.size < 2:
+        return 0.0
+    mean = stable_mean(x)
+    ss = 0.0
+    for i in range(0, flat.size, _CHUNK):
+        d = flat[i:i + _CHUNK].astype(np.float64) - mean
+        ss += float((d * d).sum())
+    return (ss / (flat.size - 1)) ** 0.5
+
+
 def _along(v: torch.Tensor, dim_index: int, ndim: int) -> torch.Tensor:
     """Reshape a per-position vector so it broadcasts along dimension `dim_index` of an `ndim`-d tensor."""
     shape = [1] * ndim
@@ -100,67 +130,103 @@ def _along(v: torch.Tensor, dim_index: int, ndim: int) -> torch.Tensor:
 
 def _symmetric_noise(x: torch.Tensor, dim_index: int, group: torch.Tensor, std: float,
                      gen: torch.Generator) -> torch.Tensor:
-    """Noise that sums to zero over every set of copies of one source reader, so the layer's output is unchanged."""
-    noise = torch.randn(x.shape, generator=gen) * std
+    """Noise that sums to zero over every set of copies of one source reader, so the layer's output is unchanged.
+
+    Worked along `dim_index` in place (no moved, non-contiguous copies): the sums over copies, their means and the
+    centring are the same arithmetic in the same order as a per-group loop would do.
+    """
+    noise = torch.randn(x.shape, generator=gen).mul_(std)
     valid = group >= 0
     g = group.clamp(min=0)
     n_groups = int(g.max()) + 1 if g.numel() else 0
-    moved = noise.movedim(dim_index, 0)
-    sums = torch.zeros((n_groups, *moved.shape[1:])).index_add_(0, g[valid], moved[valid])
+    ndim = x.dim()
+    shape = list(x.shape)
+    shape[dim_index] = n_groups
+    if bool(valid.all()):
+        sums = torch.zeros(shape).index_add_(dim_index, g, noise)
+    else:
+        idx = valid.nonzero().reshape(-1)
+        sums = torch.zeros(shape).index_add_(dim_index, g[idx], noise.index_select(dim_index, idx))
     counts = torch.bincount(g[valid], minlength=n_groups).to(x.dtype)
-    mean = sums / counts.clamp(min=1).reshape(-1, *([1] * (moved.dim() - 1)))
-    centred = moved - mean[g]
-    centred[~valid] = 0
-    centred[(counts[g] < 2) | ~valid] = 0  # a lone copy cannot move without changing the function
-    return centred.movedim(0, dim_index)
+    sums.div_(_along(counts.clamp(min=1), dim_index, ndim))  # now the mean over each group's copies
+    noise.sub_(sums.index_select(dim_index, g))
+    silent = ~valid | (counts[g] < 2)  # fresh, or a lone copy, which cannot move without changing the function
+    if bool(silent.any()):
+        noise.index_fill_(dim_index, silent.nonzero().reshape(-1), 0.0)
+    return noise
 
 
 def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int],
                  maps: GrowthMaps, opts: ApplyOptions) -> torch.Tensor:
-    """The grown value of one fp32 source tensor `x` described by `spec`, in new layer `layer`."""
+    """The grown value of one fp32 source tensor `x` described by `spec`, in new layer `layer`.
+
+    `x` itself is never modified, but the result may share its memory where nothing changes (identity maps).
+    """
     if x.dim() != len(spec.dims):
         raise ValueError(f"{spec.name}: expected {len(spec.dims)} dims, got shape {tuple(x.shape)}")
-    std = float(x.std()) if x.numel() > 1 else 0.0
+    source = x
     plans: list[_DimPlan] = []
     for i, dim in enumerate(spec.dims):
         sizes = [axis_sizes[a] for a in dim.axes]
         factor_maps = [maps.get(a, layer) for a in dim.axes]
         x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.kind == "weight")
         plans.append(plan)
+    # Gathering made a new tensor unless every map was the identity; only a tensor of our own is changed in place
+    # (in-place arithmetic on a multi-hundred-MB tensor saves both the copy and the page faults of a new one).
+    owned = x.numel() == 0 or x.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
+
+    def own() -> None:
+        nonlocal x, owned
+        if not owned:
+            x, owned = x.clone(), True
 
     ndim = x.dim()
     for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
         if dim.role == "in" or (spec.final_norm and opts.tied and HIDDEN in dim.axes):
-            x = x * _along(plan.scale, i, ndim)
+            if not bool((plan.scale == 1).all()):  # multiplying by exactly 1 changes no bit
+                own()
+                x.mul_(_along(plan.scale, i, ndim))
         if dim.role == "elem" and spec.kind == "norm_weight" and opts.rms_norm and HIDDEN in dim.axes:
             ratio = maps.hidden.stream_energy_ratio()
             if ratio != 1.0:
-                x = x * ratio**0.5
+                own()
+                x.mul_(ratio**0.5)
 
-    if opts.noise_snr_db is not None and std > 0:
-        gen = generator_for(opts.seed, "noise", spec.at(layer))
+    std: float | None = None
+    if opts.noise_snr_db is not None:
+        std = stable_std(source)
+        if std > 0:
+            gen = generator_for(opts.seed, "noise", spec.at(layer))
+            for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
+                if dim.role == "in":
+                    x, owned = x + _symmetric_noise(x, i, plan.group, std * 10 ** (-opts.noise_snr_db / 20), gen), True
+
+    # Fresh positions: full-size masks only for tensors that have any (clone and net2net never do).
+    fresh = x.numel() > 0 and any(bool(p.rand.any()) or bool(p.zero.any()) or (d.role == "elem" and bool((p.group < 0).any()))
+                                  for d, p in zip(spec.dims, plans))
+    if fresh:
+        rand = torch.zeros(x.shape, dtype=torch.bool)
+        elem_fresh = torch.zeros(x.shape, dtype=torch.bool)
         for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
-            if dim.role == "in":
-                x = x + _symmetric_noise(x, i, plan.group, std * 10 ** (-opts.noise_snr_db / 20), gen)
-
-    rand = torch.zeros(x.shape, dtype=torch.bool)
-    zero = torch.zeros(x.shape, dtype=torch.bool)
-    elem_fresh = torch.zeros(x.shape, dtype=torch.bool)
-    for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
-        rand |= _along(plan.rand, i, ndim)
-        zero |= _along(plan.zero, i, ndim)
-        if dim.role == "elem":
-            elem_fresh |= _along(plan.group < 0, i, ndim)
-    if rand.any():
-        gen = generator_for(opts.seed, "fresh", spec.at(layer))
-        x = torch.where(rand, torch.randn(x.shape, generator=gen) * (std or 0.02), x)
-    if elem_fresh.any():
-        # Fresh RMSNorm gains scale a zero stream entry, so any value is exact: take the mean so they train like the
-        # rest. Under LayerNorm a zero entry normalises to -mean/std, which a non-zero gain would pass on.
-        live_gain = spec.kind == "norm_weight" and opts.rms_norm and bool((~elem_fresh).any())
-        fill = x[~elem_fresh].mean() if live_gain else torch.tensor(0.0)
-        x = torch.where(elem_fresh, fill, x)
-    x = torch.where(zero, torch.zeros(()), x)
+            rand |= _along(plan.rand, i, ndim)
+            if dim.role == "elem":
+                elem_fresh |= _along(plan.group < 0, i, ndim)
+        if rand.any():
+            if std is None:
+                std = stable_std(source)
+            gen = generator_for(opts.seed, "fresh", spec.at(layer))
+            x = torch.where(rand, torch.randn(x.shape, generator=gen) * (std or 0.02), x)
+        if elem_fresh.any():
+            # Fresh RMSNorm gains scale a zero stream entry, so any value is exact: take the mean so they train like
+            # the rest. Under LayerNorm a zero entry normalises to -mean/std, which a non-zero gain would pass on.
+            fill = torch.tensor(0.0)
+            if spec.kind == "norm_weight" and opts.rms_norm and bool((~elem_fresh).any()):
+                fill = torch.tensor(stable_mean(x[~elem_fresh]), dtype=x.dtype)
+            x = torch.where(elem_fresh, fill, x)
+        owned = True
+        for i, plan in enumerate(plans):
+            if bool(plan.zero.any()):
+                x.index_fill_(i, plan.zero.nonzero().reshape(-1), 0.0)
 
     if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
         x = torch.zeros_like(x)

@@ -14,7 +14,8 @@ from rich.table import Table
 from growkit.arch.spec import parameter_count
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.operators.depth import DEPTH_METHODS
-from growkit.pipeline import Growth, grow, plan_growth
+from growkit.errors import Interrupted
+from growkit.pipeline import Growth, default_output, grow, plan_growth
 
 Opt = typer.Option
 
@@ -52,8 +53,15 @@ def run_resize(src: Path, out: Optional[Path], dry_run: bool, quiet: bool, verif
         console.print(plan_table(growth, f"{src} ({ckpt.model_type}), --method {growth.plan.method}: dry run, "
                                          "nothing written"))
         return
-    result = grow(src, out, quiet=quiet, verify=verify, config=config, allow_pickle=allow_pickle,
-                  command=shlex.join(["growkit", *sys.argv[1:]]), **options)
+    target = out if out is not None else default_output(src, options.get("direction", "grow"))
+    existed = target.exists()
+    try:
+        result = grow(src, out, quiet=quiet, verify=verify, config=config, allow_pickle=allow_pickle,
+                      command=shlex.join(["growkit", *sys.argv[1:]]), **options)
+    except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
+        signame = str(exc) or "SIGINT"
+        kept = "left unchanged" if existed else "not written"
+        raise Interrupted(f"{target}: interrupted by {signame}; {kept} (partial files removed)") from None
     if not quiet:
         console.print(f"wrote {result.out_dir}")
     if result.provenance["verification"]:

@@ -216,4 +216,4 @@ def test_cli_shrink_default_output_and_one_line_error(tmp_path, calib):
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 1)
     bad = subprocess.run([*run[:5], "--width", "2x", "-o", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: hidden would grow from 64 to 128; use `growkit grow`"]
+        f"error: {src}: hidden would grow from 64 to 128; use `growkit grow`"]

@@ -29,7 +29,13 @@ def family_for(config: dict[str, Any], source: str = "config") -> Family:
 def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
     """A config guessed from tensor names and shapes, for a bare .safetensors file without one."""
     for family in FAMILIES:
-        config = family.infer_config(shapes)
+        try:
+            config = family.infer_config(shapes)
+        except (KeyError, ValueError, TypeError, IndexError, ArithmeticError) as exc:
+            # The names look like this family's, but a tensor that inference needs is absent or oddly shaped.
+            what = f"tensor {exc.args[0]} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise GrowkitError(f"{source}: cannot infer a {family.name} config from its tensors ({what}); "
+                               "pass --config CONFIG.json") from None
         if config is not None:
             return config
     raise GrowkitError(

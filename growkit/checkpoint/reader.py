@@ -7,6 +7,7 @@ source in memory. Every read is converted to fp32, because growth arithmetic (e.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,24 +58,40 @@ class Checkpoint:
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more safetensors files, opened lazily; a sharded index maps names to files."""
+    """One or more safetensors files; a sharded index maps names to files.
+
+    Headers are validated by the safetensors library when the files are opened; tensor bytes are then read with
+    plain positioned reads into fresh buffers rather than through a memory map, so the source's pages never count
+    towards this process's resident memory (a memory-mapped multi-GB source would, page by page, as it is read).
+    """
 
     def __init__(self, files: list[Path], config: dict[str, Any], source: str, root: Path | None) -> None:
         self.config = config
         self.source = source
         self.root = root
-        self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._span: dict[str, tuple[int, int]] = {}
+        self._metadata: dict[str, str] = {}
         for file in files:
             handle = _open_safetensors(file)
-            self._handles[file] = handle
+            spans = _data_spans(file)
+            self._metadata.update(handle.metadata() or {})
             for name in handle.keys():
                 if name in self._where:
                     raise GrowkitError(f"{file}: tensor {name} also appears in {self._where[name]}")
                 sl = handle.get_slice(name)
+                shape, dtype = tuple(sl.get_shape()), _torch_dtype(file, name, sl.get_dtype())
+                if name not in spans:
+                    raise GrowkitError(f"{file}: tensor {name} has no data offsets in the header")
+                begin, end = spans[name]
+                if end - begin != dtype.itemsize * _numel(shape):
+                    raise GrowkitError(f"{file}: tensor {name} has {end - begin} bytes, but shape {list(shape)} "
+                                       f"of {dtype} needs {dtype.itemsize * _numel(shape)}")
                 self._where[name] = file
-                self._meta[name] = (tuple(sl.get_shape()), _torch_dtype(file, name, sl.get_dtype()))
+                self._meta[name] = (shape, dtype)
+                self._span[name] = (begin, end)
+            del handle
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -87,17 +104,29 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         file = self._where[name]
+        shape, dtype = self._meta[name]
+        begin, end = self._span[name]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
         try:
-            tensor = self._handles[file].get_tensor(name)
-        except SafetensorError as exc:
-            raise GrowkitError(f"{file}: cannot read tensor {name}: {exc}") from None
-        return tensor.to(torch.float32, copy=True)
+            with open(file, "rb", buffering=0) as fh:
+                fh.seek(begin)
+                view, done = memoryview(raw.numpy()), 0
+                while done < len(view):
+                    n = fh.readinto(view[done:])
+                    if not n:
+                        break
+                    done += n
+        except OSError as exc:
+            raise GrowkitError(f"{file}: cannot read tensor {name} ({exc.strerror or exc})") from None
+        if done != end - begin:
+            raise GrowkitError(f"{file}: file ends inside tensor {name} (was it truncated while growing?)")
+        tensor = raw.view(dtype).reshape(shape)
+        if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian
+            tensor = torch.from_numpy(tensor.numpy().byteswap())
+        return tensor.to(torch.float32)  # a new tensor either way: `raw` belongs to this call alone
 
     def metadata(self) -> dict[str, str]:
-        merged: dict[str, str] = {}
-        for handle in self._handles.values():
-            merged.update(handle.metadata() or {})
-        return merged
+        return dict(self._metadata)
 
 
 class StateDictCheckpoint(Checkpoint):
@@ -134,6 +163,26 @@ def _torch_dtype(file: Path, name: str, code: str) -> torch.dtype:
     return _DTYPES[code]
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of every tensor, from a header the safetensors library has already validated."""
+    try:
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        base = 8 + size
+        return {name: (base + int(info["data_offsets"][0]), base + int(info["data_offsets"][1]))
+                for name, info in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise GrowkitError(f"{file}: not a valid safetensors file (header: {exc})") from None
+
+
 def _open_safetensors(file: Path) -> Any:
     """Open a safetensors file, turning every format problem into a one-line GrowkitError naming the file."""
     try:
@@ -141,13 +190,13 @@ def _open_safetensors(file: Path) -> Any:
     except FileNotFoundError:
         raise GrowkitError(f"{file}: file not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise GrowkitError(f"{file}: not a valid safetensors file ({exc})") from None
+        raise GrowkitError(f"{file}: not a valid safetensors file, truncated or corrupt ({exc})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers bad JSON and bad UTF-8
         raise GrowkitError(f"{path}: cannot read JSON ({exc})") from None
     if not isinstance(data, dict):
         raise GrowkitError(f"{path}: expected a JSON object")
@@ -163,9 +212,12 @@ def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, 
         return _read_json(Path(config)), str(config)
     if "config" in handle_meta:
         try:
-            return dict(json.loads(handle_meta["config"])), "safetensors metadata"
+            meta_config = json.loads(handle_meta["config"])
         except json.JSONDecodeError:
             raise GrowkitError(f"{file}: the 'config' entry of its metadata is not valid JSON") from None
+        if not isinstance(meta_config, dict):
+            raise GrowkitError(f"{file}: the 'config' entry of its metadata is not a JSON object")
+        return meta_config, "safetensors metadata"
     beside = file.parent / "config.json"
     if beside.is_file():
         return _read_json(beside), str(beside)
@@ -200,6 +252,9 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise GrowkitError(f"{index}: no weight_map")
+        odd = [f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
+        if odd:
+            raise GrowkitError(f"{index}: weight_map names {odd[0]!r}, not a file name in the checkpoint directory")
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -231,6 +286,25 @@ def _directory_config(path: Path, config: str | Path | Mapping[str, Any] | None)
     return _read_json(cfg_file)
 
 
+def _torch_load(file: Path) -> Any:
+    """torch.load with weights_only (no code runs), memory-mapped unless the file predates the zip format."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _pickle_reason(exc: Exception) -> str:
+    """The one informative line of torch's multi-paragraph refusal (which also suggests weights_only=False: no)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "global" in line:
+            return line.rstrip(".") + "; the file holds more than tensors"
+    return lines[0] if lines else "unreadable"
+
+
 def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: bool, root: Path | None) -> Checkpoint:
     """Pickle weights are an opt-in, and even then only tensors are unpickled (`weights_only=True`)."""
     shown = files[0]
@@ -245,9 +319,14 @@ def _load_pickle(directory: Path, files: list[Path], config: Any, allow_pickle: 
     state: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            loaded = _torch_load(file)
         except Exception as exc:  # torch raises many types for a bad pickle; all mean the same to the user
-            raise GrowkitError(f"{file}: cannot load pickle weights safely ({type(exc).__name__}: {exc})") from None
+            raise GrowkitError(f"{file}: cannot load pickle weights safely ({type(exc).__name__}: "
+                               f"{_pickle_reason(exc)})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in loaded.items()):
+            raise GrowkitError(f"{file}: expected a state dict (names -> tensors), got {type(loaded).__name__}")
+        state.update(loaded)
     ckpt = StateDictCheckpoint(state, _directory_config(directory, config), source=str(root or shown))
     ckpt.root = root or directory
     return ckpt

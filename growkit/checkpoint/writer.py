@@ -11,15 +11,27 @@ crash never leaves a directory at the output path that looks complete.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: ownership falls back to the pid in the name
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -86,7 +98,13 @@ def _header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
 
 
 class CheckpointWriter:
-    """Writes a checkpoint directory atomically: `add` tensors in layout order, `add_file`, then `commit`."""
+    """Writes a checkpoint directory atomically: `add` tensors in layout order, `add_file`, then `commit`.
+
+    The temporary directory's name says whose it is (`.growkit-tmp-OUT-hHOST-pPID-TAG`), and the writer holds an
+    exclusive `flock` on it while it lives, so a later run can tell a crashed run's leftovers (removed) from a
+    running one's (left alone). Every I/O failure becomes a one-line GrowkitError that names the output and the cause
+    (disk full, read-only file system, ...), and everything written so far is removed.
+    """
 
     def __init__(self, out: Path, entries: list[TensorEntry], max_shard_size: int, metadata: dict[str, str],
                  overwrite: bool = False) -> None:
@@ -96,14 +114,16 @@ class CheckpointWriter:
         if self.out.exists() and not self.out.is_dir():
             raise GrowkitError(f"{self.out}: output exists and is not a directory")
         parent = self.out.parent
+        self._made_parents = [p for p in [parent, *parent.parents] if not p.exists()]
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise GrowkitError(f"{parent}: cannot create the output's parent directory ({exc.strerror})") from None
+            raise GrowkitError(f"{parent}: cannot create the output's parent directory ({_why(exc)})") from None
         if not os.access(parent, os.W_OK):
+            self._remove_made_parents()
             raise GrowkitError(f"{parent}: output directory is not writable")
         self.overwrite = overwrite
-        self.tmp = parent / f"{TMP_PREFIX}{self.out.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = parent / temporary_name(self.out.name)
         self.shards = shard_layout(entries, max_shard_size)
         n = len(self.shards)
         self.files = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -113,28 +133,60 @@ class CheckpointWriter:
         self._shard = -1
         self._in_shard = 0
         self._fh: BinaryIO | None = None
-        self.tmp.mkdir()
-        (self.tmp / ".incomplete").write_text("growkit: this directory is being written\n")
+        self._shard_size = 0
+        self._lock: int | None = None
+        self.committed = False
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:
+            self._remove_made_parents()
+            raise GrowkitError(f"{parent}: cannot create a temporary directory for {self.out.name} "
+                               f"({_why(exc)})") from None
+        self._lock = _lock_directory(self.tmp)
+        with self.guard(".incomplete"):
+            (self.tmp / ".incomplete").write_text("growkit: this directory is being written\n")
 
     def __enter__(self) -> "CheckpointWriter":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc_type is None:
+            return False
+        if self.committed:
+            # An interrupt deferred while the final rename was under way arrives here: the checkpoint is complete.
+            return exc_type is KeyboardInterrupt
+        self.abort()
+        return False
+
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Turn an OSError while writing `what` into a one-line GrowkitError naming the output and the cause."""
+        try:
+            yield
+        except OSError as exc:
+            raise GrowkitError(f"{self.out}: {_why(exc)} while writing {what}; nothing was written "
+                               "(partial files removed)") from None
 
     def _open_next_shard(self) -> None:
         self._close_shard()
         self._shard += 1
-        self._fh = open(self.tmp / self.files[self._shard], "wb")
-        self._fh.write(_header(self.shards[self._shard], self._metadata))
+        name = self.files[self._shard]
+        header = _header(self.shards[self._shard], self._metadata)
+        self._shard_size = len(header) + sum(e.nbytes for e in self.shards[self._shard])
+        with self.guard(name):
+            self._fh = open(self.tmp / name, "wb")
+            self._fh.write(header)
         self._in_shard = 0
 
     def _close_shard(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+            if self._fh.tell() != self._shard_size:
+                raise RuntimeError(f"{self._fh.name}: wrote {self._fh.tell()} bytes of {self._shard_size}")
+            with self.guard(Path(self._fh.name).name):
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
             self._fh = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -146,19 +198,18 @@ class CheckpointWriter:
             self._open_next_shard()
         assert self._fh is not None
         data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-        try:
+        with self.guard(self.files[self._shard]):
             self._fh.write(memoryview(data))
-        except OSError as exc:
-            raise GrowkitError(f"{self.tmp / self.files[self._shard]}: write failed ({exc.strerror or exc})") from None
         self._next += 1
         self._in_shard += 1
 
     def add_file(self, name: str, data: bytes | str) -> None:
-        path = self.tmp / name
-        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        with self.guard(name):
+            (self.tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
 
     def copy_file(self, src: Path, name: str | None = None) -> None:
-        shutil.copyfile(src, self.tmp / (name or src.name))
+        with self.guard(name or src.name):
+            shutil.copyfile(src, self.tmp / (name or src.name))
 
     def finish_weights(self) -> None:
         """Close the last shard and write the index, so the temporary directory loads (e.g. to verify it)."""
@@ -174,26 +225,103 @@ class CheckpointWriter:
             self.add_file(WEIGHTS_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def commit(self) -> Path:
-        """Finish the weights and move the directory into place in one rename."""
+        """Finish the weights and move the directory into place in one rename.
+
+        SIGINT and SIGTERM are held back for the few system calls of the swap, so an interrupt leaves either no
+        output (or the previous one) or the complete new one; `kill -9` cannot be held back, and the rename is what
+        keeps it from leaving a partial directory at the output path.
+        """
         self.finish_weights()
-        (self.tmp / ".incomplete").unlink()
-        _fsync_dir(self.tmp)
-        if self.out.exists():
-            trash = self.out.parent / f"{TMP_PREFIX}{self.out.name}-replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, trash)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        with self.guard("the directory"):
+            (self.tmp / ".incomplete").unlink()
+            _fsync_dir(self.tmp)
+        with _signals_held():
+            with self.guard("the directory"):
+                if self.out.exists():
+                    self._replace_existing()
+                else:
+                    os.rename(self.tmp, self.out)
+            self.committed = True
+        try:
+            _fsync_dir(self.out.parent)
+        except OSError as exc:
+            print(f"growkit: warning: {self.out} is complete, but syncing its parent directory failed "
+                  f"({_why(exc)})", file=sys.stderr)
+        self._unlock()
         return self.out
 
+    def _replace_existing(self) -> None:
+        """--overwrite: swap the new directory in atomically where the OS can (Linux renameat2), else two renames."""
+        if _exchange(self.tmp, self.out):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # self.tmp now holds the previous output
+            return
+        old = self.tmp.with_name(self.tmp.name + "-old")
+        os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+
     def abort(self) -> None:
-        """Remove everything written so far; the output path is never touched."""
+        """Remove everything written so far (and any parent directories this writer made); never touches `out`."""
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()  # flushing can fail again (disk full): the file is being removed anyway
+            except OSError:
+                pass
             self._fh = None
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
+        self._remove_made_parents()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_made_parents(self) -> None:
+        for p in self._made_parents:  # deepest first; only directories this writer created, and only if empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def _why(exc: OSError) -> str:
+    """The cause of an I/O error in the words a user searches for."""
+    known = {errno.ENOSPC: "disk full (no space left on device)", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+             errno.EFBIG: "file too large for this file system or the file-size limit (ulimit -f)"}
+    return known.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer SIGINT and SIGTERM (delivered on exit from the block) where the platform allows."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -204,18 +332,107 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def stale_temporaries(out: Path) -> list[Path]:
-    """Temporary directories a crashed run left beside `out` (their writer process is gone)."""
-    found = []
-    for path in Path(out).parent.glob(f"{TMP_PREFIX}{Path(out).name}-*"):
-        m = re.search(r"-(\d+)-[0-9a-f]{8}$", path.name)
-        if m and _pid_alive(int(m.group(1))):
+# --- temporary directories: naming, ownership, and what a later run does with a crashed run's leftovers ---------
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+
+
+def temporary_name(out_name: str) -> str:
+    """`.growkit-tmp-OUT-hHOST-pPID-TAG`: recognisable by prefix, and it says which process on which host owns it."""
+    return f"{TMP_PREFIX}{out_name}-h{_host()}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _lock_directory(path: Path) -> int | None:
+    """Hold an exclusive flock on the directory for this process's lifetime (the kernel drops it when we die)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # no flock on this file system (some network mounts): fall back to the pid alone
+        pass
+    return fd
+
+
+def _locked_by_someone(path: Path) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+@dataclass(frozen=True)
+class Temporary:
+    """A growkit temporary directory beside an output, and what is known about its owner."""
+
+    path: Path
+    host: str | None
+    pid: int | None
+    state: str  # "stale" (owner gone: safe to remove), "running", "other host" (cannot tell: reported only)
+
+    def describe(self) -> str:
+        if self.state == "running":
+            return f"{self.path} belongs to a growkit run still in progress (pid {self.pid}); left alone"
+        if self.state == "other host":
+            return (f"{self.path} was left by a run on host {self.host} (pid {self.pid}); remove it by hand if that "
+                    "run is over")
+        return f"{self.path} was left by an interrupted run (pid {self.pid})"
+
+
+def _temporary_pattern(out_name: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(TMP_PREFIX + out_name)}-(?:h(?P<host>[A-Za-z0-9_]+)-p)?(?P<pid>\d+)-"
+                      r"[0-9a-f]{8}(?:-old)?")
+
+
+def scan_temporaries(out: Path) -> list[Temporary]:
+    """Every growkit temporary directory of `out` beside it, classified by whether its owner is still alive.
+
+    Stale means: written on this host, by a process that no longer exists, and nobody holds its lock. A live pid
+    (possibly reused) or a held lock means running; a directory from another host is only reported, since its
+    owner cannot be checked from here (shared file systems).
+    """
+    out = Path(out)
+    pattern = _temporary_pattern(out.name)
+    found: list[Temporary] = []
+    try:
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX + out.name + "-")]
+    except OSError:
+        return []
+    for path in sorted(candidates):
+        m = pattern.fullmatch(path.name)
+        if not m or not path.is_dir():
             continue
-        found.append(path)
+        host, pid = m.group("host"), int(m.group("pid"))
+        if host is not None and host != _host():
+            state = "other host"
+        elif _pid_alive(pid) or _locked_by_someone(path):
+            state = "running"
+        else:
+            state = "stale"
+        found.append(Temporary(path, host, pid, state))
     return found
 
 
+def stale_temporaries(out: Path) -> list[Path]:
+    """Temporary directories a crashed run left beside `out` (their writer process is gone)."""
+    return [t.path for t in scan_temporaries(out) if t.state == "stale"]
+
+
 def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

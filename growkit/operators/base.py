@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from growkit.arch.spec import PER_LAYER, QGROUP, Family, TensorSpec
@@ -18,6 +20,10 @@ class Operator:
 
     name: str = ""
     directions: tuple[str, ...] = ("grow",)
+
+    def settings(self) -> dict[str, Any]:
+        """The operator's resolved options (defaults included), recorded in provenance."""
+        return {}
 
     def check(self, plan: GrowthPlan) -> None:
         """Raise GrowkitError for a plan this operator cannot carry out (before any tensor is read)."""

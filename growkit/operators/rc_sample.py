@@ -1,0 +1,220 @@
+"""`rc-sample`: new neurons drawn i.i.d. from each axis's fitted neuron measure, with mean-field fan-in scaling.
+
+For every resized axis instance the operator fits the measure of its source neurons (`growkit.measure`), then draws
+the neurons the target needs: by default every source neuron is kept and only the new ones are drawn; with
+`resample_all` (and always when shrinking) every target neuron is a draw. A draw is a combination of source
+neurons (`weights`), the same for the neuron's slice of every tensor that touches the axis, plus, for `gaussian`,
+independent residual noise: that is what makes a sampled neuron coherent across the network.
+
+Every reader (fan-in) entry of an axis that goes from n to N neurons is multiplied by n/N, for kept and drawn
+neurons alike: a downstream pre-activation sums N terms instead of n, each drawn from the same measure, so its
+expectation is unchanged. The function is preserved in expectation, not exactly.
+
+How tensors get their values: the axis maps keep the source neurons at positions 0..n-1 (so the gathered tensor
+still holds the scaled source there) and point new positions at their atoms; `adjust` then overwrites the drawn
+positions axis by axis in a fixed order (hidden, kv heads, query groups, FFN), each step mixing the current
+tensor's source block along that axis, so a block where two new axes cross mixes the already-drawn values. When
+shrinking, the gathered tensor no longer holds every source neuron, so `adjust` re-reads the source tensor and
+works on [source block | target block] along each axis, then keeps the target block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from growkit.apply import ApplyOptions, apply_tensor, generator_for
+from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.checkpoint.reader import Checkpoint
+from growkit.maps import AxisMap, GrowthMaps
+from growkit.operators.base import Operator
+from growkit.operators.depth import depth_map
+from growkit.plan import GrowthPlan
+
+#: Order in which axes are drawn inside a tensor; fixed, so crossings of two new axes are deterministic.
+ORDER = (HIDDEN, KV_HEADS, QGROUP, FFN)
+DEFAULT_ESTIMATOR = "empirical"  # the only measure whose mean-field limit is the source network (benchmarks/RESULTS.md)
+_AXES = ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv", "vocab", "positions")
+
+
+@dataclass
+class AxisDraw:
+    """What `adjust` writes along one axis instance: positions (in the target block), their mixing weights over
+    the source block, and the residual noise std per source tensor (stored units)."""
+
+    n: int
+    new: int
+    positions: torch.Tensor
+    weights: torch.Tensor | None  # None: the gather already wrote the right values (plain atoms)
+    noise: dict[str, float] = field(default_factory=dict)
+
+
+class RCSample(Operator):
+    """Grow or shrink by sampling neurons from fitted per-axis measures (`estimator`: empirical, kde, gaussian)."""
+
+    name = "rc-sample"
+    directions = ("grow", "shrink")
+
+    def __init__(self, estimator: str | None = None, resample_all: bool = False, rank: int | None = None) -> None:
+        from growkit.measure.estimators import DEFAULT_RANK, get_estimator
+
+        self.estimator_name = estimator or DEFAULT_ESTIMATOR
+        self.rank = DEFAULT_RANK if rank is None else int(rank)
+        self.estimator = get_estimator(self.estimator_name, self.rank)  # validates the name early
+        self.resample_all = bool(resample_all)
+        self.draws: dict[tuple[str, int | None], AxisDraw] = {}
+        self._shrink = False
+        self._ckpt: Checkpoint | None = None
+        self._extended: GrowthMaps | None = None
+        self._opts: ApplyOptions | None = None
+        self._sizes: dict[str, int] = {}
+        self._layer_src: list[int] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {"estimator": self.estimator_name, "resample_all": self.resample_all, "rank": self.rank}
+
+    def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
+                   seed: int) -> GrowthMaps:
+        from growkit.measure.fit import fit_axes
+
+        layer_src, identity = depth_map(plan.depth_method, plan.source.layers, plan.target.layers)
+        self._shrink = plan.direction == "shrink"
+        self._layer_src = layer_src
+        self._sizes = {a: plan.source.axis(a) for a in _AXES}
+        resized = [k for k in GROWABLE if plan.source.axis(k) != plan.target.axis(k)]
+        keys: set[tuple[str, int | None]] = set()
+        for kind in resized:
+            keys |= {(kind, None)} if kind not in PER_LAYER else {(kind, s) for s in set(layer_src)}
+        fits = {}
+        if self.estimator.needs_pca and keys:
+            fits = fit_axes(ckpt, specs, plan.source, keys, self.rank, residuals=self.estimator.uses_residual)
+
+        self.draws = {}
+        maps: dict[tuple[str, int | None], AxisMap] = {}
+        extended: dict[tuple[str, int | None], AxisMap] = {}
+        instances = [(HIDDEN, None)] + [(k, layer) for layer in range(plan.target.layers) for k in PER_LAYER]
+        for kind, layer in instances:
+            n, new = plan.source.axis(kind), plan.target.axis(kind)
+            if n == new:
+                maps[(kind, layer)] = extended[(kind, layer)] = AxisMap.identity(n)
+                continue
+            fit = fits.get((kind, None if layer is None else layer_src[layer]))
+            gen = generator_for(seed, "rc-sample", kind, layer)
+            draw, src = self._draw(n, new, fit, gen)
+            self.draws[(kind, layer)] = draw
+            scale = torch.full((new,), n / new)
+            maps[(kind, layer)] = AxisMap(n, src, scale=scale)
+            if self._shrink:
+                extended[(kind, layer)] = AxisMap(n, torch.cat([torch.arange(n), src]),
+                                                  scale=torch.full((n + new,), n / new))
+
+        def growth_maps(m: dict[tuple[str, int | None], AxisMap]) -> GrowthMaps:
+            per_layer = {k: v for k, v in m.items() if k[1] is not None}
+            return GrowthMaps(hidden=m[(HIDDEN, None)], per_layer=per_layer,  # type: ignore[arg-type]
+                              layer_src=layer_src, identity_layers=identity)
+
+        self._opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed)
+        if self._shrink:
+            self._ckpt = ckpt
+            self._extended = growth_maps(extended)
+        return growth_maps(maps)
+
+    def _draw(self, n: int, new: int, fit: Any, gen: torch.Generator) -> tuple[AxisDraw, torch.Tensor]:
+        """The draws of one axis instance and its map's source indices."""
+        if self._shrink:
+            atoms = torch.randperm(n, generator=gen)[:new]  # a sample without replacement of the atoms
+            positions, src = torch.arange(new), atoms
+        elif self.resample_all:
+            atoms = torch.randint(n, (new,), generator=gen)
+            positions, src = torch.arange(new), torch.cat([torch.arange(n), atoms[n:]])
+        else:
+            atoms = torch.randint(n, (new - n,), generator=gen)
+            positions, src = torch.arange(n, new), torch.cat([torch.arange(n), atoms])
+        if fit is None:  # empirical: the gather wrote the atoms unless kept neurons must be overwritten
+            weights = None if (self._shrink or not self.resample_all) else (
+                torch.nn.functional.one_hot(atoms, n).to(torch.float64))
+            return AxisDraw(n, new, positions, weights), src
+        mixing = self.estimator.fit_pca(fit.pca).mixing(len(atoms), gen, atoms)
+        noise = {}
+        if mixing.sigma2 > 0 or self.estimator.uses_residual:
+            noise = {name: b.residual_std(fit.pca.rank) for name, b in fit.blocks.items()}
+        return AxisDraw(n, new, positions, mixing.dense(n), noise), src
+
+    def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
+        if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
+            return tensor  # identity blocks' residual writers stay exactly zero
+        steps = []
+        for kind in ORDER:
+            for i, dim in enumerate(spec.dims):
+                draw = self.draws.get((kind, layer if kind in PER_LAYER else None))
+                if kind in dim.axes and draw is not None and draw.weights is not None:
+                    steps.append((i, kind, draw))
+        if not steps:
+            return tensor
+        src_layer = None if layer is None else self._layer_src[layer]
+        if self._shrink:
+            assert self._ckpt is not None and self._extended is not None
+            x = apply_tensor(self._ckpt.get(spec.at(src_layer)), spec, layer, self._sizes, self._extended, self._opts)
+        else:
+            x = tensor.clone()
+        assert self._opts is not None
+        reader_scale = self._reader_scale(spec, layer)
+        for i, kind, draw in steps:
+            std = draw.noise.get(spec.at(src_layer), 0.0) * reader_scale
+            gen = generator_for(self._opts.seed, "rc-noise", kind, layer, spec.at(layer)) if std > 0 else None
+            x = self._mix(x, spec, i, kind, layer, draw, std, gen)
+        if self._shrink:
+            x = self._target_block(x, spec, layer)
+        return x.to(tensor.dtype).contiguous()
+
+    def _current(self, kind: str, layer: int | None) -> int:
+        """Size of an axis in the tensor `adjust` works on (target size, or source + target when shrinking)."""
+        draw = self.draws.get((kind, layer if kind in PER_LAYER else None))
+        if draw is None:
+            return self._sizes[kind]
+        return draw.n + draw.new if self._shrink else draw.new
+
+    def _mix(self, x: torch.Tensor, spec: TensorSpec, i: int, kind: str, layer: int | None, draw: AxisDraw,
+             std: float, gen: torch.Generator | None) -> torch.Tensor:
+        """Overwrite the drawn positions along axis `kind` (in dim `i`) with weights @ source block (+ noise)."""
+        dim = spec.dims[i]
+        factors = [self._current(a, layer) for a in dim.axes]
+        k = dim.axes.index(kind)
+        shape = list(x.shape)
+        moved = x.reshape(shape[:i] + factors + shape[i + 1:]).movedim(i + k, 0)
+        rest = moved.shape[1:]
+        flat = moved.reshape(moved.shape[0], -1)
+        values = draw.weights.to(torch.float64) @ flat[: draw.n].to(torch.float64)  # type: ignore[union-attr]
+        if gen is not None:
+            values = values + torch.randn(values.shape, generator=gen, dtype=torch.float64) * std
+        offset = draw.n if self._shrink else 0
+        flat = flat.clone()
+        flat[offset + draw.positions] = values.to(flat.dtype)
+        return flat.reshape(moved.shape[:1] + rest).movedim(0, i + k).reshape(shape)
+
+    def _target_block(self, x: torch.Tensor, spec: TensorSpec, layer: int | None) -> torch.Tensor:
+        """Keep the target block [n, n + N) of every resized axis (shrinking)."""
+        for i, dim in enumerate(spec.dims):
+            factors = [self._current(a, layer) for a in dim.axes]
+            shape = list(x.shape)
+            y = x.reshape(shape[:i] + factors + shape[i + 1:])
+            for k, a in enumerate(dim.axes):
+                draw = self.draws.get((a, layer if a in PER_LAYER else None))
+                if draw is not None:
+                    y = y.narrow(i + k, draw.n, draw.new)
+            x = y.reshape(shape[:i] + [-1] + shape[i + 1:])
+        return x
+
+    def _reader_scale(self, spec: TensorSpec, layer: int | None) -> float:
+        """The product of n/N over the reader factors apply multiplied this tensor by (noise is scaled alike)."""
+        assert self._opts is not None
+        scale = 1.0
+        for dim in spec.dims:
+            if dim.role == "in" or (spec.final_norm and HIDDEN in dim.axes and self._opts.tied):
+                for a in dim.axes:
+                    draw = self.draws.get((a, layer if a in PER_LAYER else None))
+                    if draw is not None:
+                        scale *= draw.n / draw.new
+        return scale
