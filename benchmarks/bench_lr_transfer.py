@@ -2,12 +2,14 @@
 
     python benchmarks/bench_lr_transfer.py                  # GPT-2 and Llama, 5 LRs, 3 settings each
 
-Three sweeps over the same 5 peak LRs (factor 2 apart), same recipe and block order as bench_speedup:
+Four sweeps over the same 5 peak LRs (factor 2 apart), same recipe and block order as bench_speedup:
 1. the small model (bundled config: d 64, 2 layers) trained from a fixed random init for S steps;
-2. the bundled small model grown 2x in width (clone + symmetric noise) and trained S more steps with µP groups
+2. the bundled small model (models/tiny-*, already trained) trained S more steps: the continued-training regime;
+3. the bundled small model grown 2x in width (clone + symmetric noise) and trained S steps with µP groups
    (matrices whose fan-in doubled get lr/2);
-3. the same grown model trained S steps with one LR for every parameter (standard parametrization).
-Reported: final validation loss per LR, and where each optimum lies (log2 steps from the small model's optimum).
+4. the same grown model trained S steps with one LR for every parameter (standard parametrization).
+Transfer means: row 3's optimum sits where row 2's does (same regime, other width). Reported: final validation
+loss per LR, and where each optimum lies (log2 distance from row 2's optimum).
 """
 
 from __future__ import annotations
@@ -31,15 +33,21 @@ def sweep(arch: str, args, acc, train_blocks, val_blocks) -> dict:
     import growkit
 
     bundled = T.AutoModelForCausalLM.from_pretrained(REPO / "models" / f"tiny-{arch}", dtype=torch.float32)
-    rows: dict[str, list[float]] = {"small (scratch init)": [], "grown, µP": [], "grown, no µP": []}
+    rows: dict[str, list[float]] = {"small, from init": [], "small, continued": [], "grown 2x, µP": [],
+                                    "grown 2x, no µP": []}
     start = {}
     for lr in args.lrs:
         torch.manual_seed(args.seed)
         small = T.AutoModelForCausalLM.from_config(bundled.config)
         c = run(small, "small", train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
                 seed=args.seed, accelerator=acc, batch_size=args.batch)
-        rows["small (scratch init)"].append(c.losses[-1])
-        for label, base in (("grown, µP", bundled.config), ("grown, no µP", None)):
+        rows["small, from init"].append(c.losses[-1])
+        cont = T.AutoModelForCausalLM.from_pretrained(REPO / "models" / f"tiny-{arch}", dtype=torch.float32)
+        c = run(cont, "small, continued", train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
+                seed=args.seed, accelerator=acc, batch_size=args.batch)
+        start["small, continued"] = c.losses[0]
+        rows["small, continued"].append(c.losses[-1])
+        for label, base in (("grown 2x, µP", bundled.config), ("grown 2x, no µP", None)):
             grown = growkit.grow_model(bundled, width=2, method="clone", noise_snr_db=NOISE_DB, seed=args.seed)
             c = run(grown, label, train_blocks, val_blocks, steps=args.steps, lr=lr, eval_every=args.steps,
                     seed=args.seed, accelerator=acc, base_config=base, batch_size=args.batch)
@@ -53,10 +61,11 @@ def sweep(arch: str, args, acc, train_blocks, val_blocks) -> dict:
 
 def table(res: dict, steps: int) -> str:
     lrs = res["lrs"]
-    ref = res["best"]["small (scratch init)"]
-    head = "| setting | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | shift vs small (log2) |"
-    lines = [f"**{res['arch']}** (final val loss after {steps} steps; grown models start at "
-             f"{res['grown_start_loss']['grown, µP']:.4f})\n", head, "|---" * (len(lrs) + 3) + "|"]
+    ref = res["best"]["small, continued"]
+    head = "| setting | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | log2 shift vs small, continued |"
+    lines = [f"**{res['arch']}** (final val loss after {steps} steps; the bundled small model starts at "
+             f"{res['grown_start_loss']['small, continued']:.4f}, the grown one at "
+             f"{res['grown_start_loss']['grown 2x, µP']:.4f})\n", head, "|---" * (len(lrs) + 3) + "|"]
     for k, v in res["rows"].items():
         bi = lrs.index(res["best"][k])
         cells = [("**" + fmt(x, ".4f") + "**") if i == bi else fmt(x, ".4f") for i, x in enumerate(v)]
@@ -68,7 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
     ap.add_argument("--steps", type=int, default=300, help="steps per run (small from init; grown after growth)")
-    ap.add_argument("--lrs", type=float, nargs="+", default=[7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3.75e-4, 7.5e-4, 1.5e-3, 3e-3, 6e-3])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")

@@ -40,11 +40,11 @@ def run(args: list[str], cwd: Path) -> tuple[float, float]:
 
 
 def gpt2_small_random(path: Path) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(path)
+    """Made in a subprocess: a parent holding a 124M model would pass its memory high-water mark to every child it
+    starts afterwards (Linux keeps ru_maxrss across fork and exec), inflating their peak RSS."""
+    code = ("import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0); "
+            "GPT2LMHeadModel(GPT2Config()).save_pretrained(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True)
     return path
 
 

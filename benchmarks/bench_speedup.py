@@ -59,8 +59,9 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
     result = {"arch": arch, "small_val_loss": small_loss, "small_flops": small_flops, "small_steps": args.small_steps,
               "small_seconds": round(small_curve.seconds, 1), "small_curve": small_curve.as_dict(), "groups": []}
 
-    for kind, variants, grow_kw in (("width 2x", width_variants(), dict(width=2)),
-                                    ("depth 2x", depth_variants(), dict(layers="2x"))):
+    kinds = {"width": ("width 2x", width_variants(), dict(width=2)),
+             "depth": ("depth 2x", depth_variants(), dict(layers="2x"))}
+    for kind, variants, grow_kw in (kinds[k] for k in args.kinds):
         target_cfg = growkit.grow_model(small, **grow_kw).config
         torch.manual_seed(args.seed)
         scratch_model = T.AutoModelForCausalLM.from_config(target_cfg)
@@ -80,7 +81,7 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
                         eval_every=args.eval_every, seed=args.seed, accelerator=acc, base_config=small.config,
                         stop_below=target, batch_size=args.batch)
             reach = curve.first_step_at_or_below(target)
-            speedup = args.steps / reach if reach else None
+            speedup = args.steps / reach if reach else None  # reach 0: scratch never beat the grown start
             scratch_flops = args.steps * tokens_per_step * big_fpt
             total = (reach * tokens_per_step * big_fpt + small_flops) if reach is not None else None
             row = {"operator": label, "loss_after_growth": curve.losses[0], "steps_to_target": reach,
@@ -92,6 +93,25 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
                   f"speed-up {fmt(speedup, '.2f')}x, counting small {fmt(row['speedup_with_small'], '.2f')}x "
                   f"({curve.seconds:.0f}s)", flush=True)
             del grown
+        if kind.startswith("width") and args.budgets:
+            # Budget-matched check: the grown model gets its own complete schedule of f*N steps (warm-up, cosine
+            # decay), as a user would run it. If it ends at or below scratch's N-step loss, speed-up >= 1/f.
+            label, kw = variants[1]  # clone + noise, the operator meant for training
+            for frac in args.budgets:
+                steps = max(1, round(frac * args.steps))
+                grown = growkit.grow_model(small, **grow_kw, **kw, seed=args.seed)
+                curve = run(grown, f"{label}, own {steps}-step schedule", train_blocks, val_blocks, steps=steps,
+                            lr=args.lr, eval_every=args.eval_every, seed=args.seed, accelerator=acc,
+                            base_config=small.config, batch_size=args.batch)
+                total = steps * tokens_per_step * big_fpt + small_flops
+                group.setdefault("budget_rows", []).append({
+                    "operator": label, "fraction": frac, "steps": steps, "final_loss": curve.losses[-1],
+                    "reaches_target": curve.losses[-1] <= target, "ratio_if_reached": 1 / frac,
+                    "ratio_with_small_if_reached": args.steps * tokens_per_step * big_fpt / total,
+                    "seconds": round(curve.seconds, 1), "curve": curve.as_dict()})
+                print(f"[{arch}] {kind} {label} with its own {steps}-step schedule: final {curve.losses[-1]:.4f} "
+                      f"vs scratch {target:.4f} ({curve.seconds:.0f}s)", flush=True)
+                del grown
         result["groups"].append(group)
     return result
 
@@ -110,6 +130,15 @@ def table(res: dict, steps: int) -> str:
             reach = fmt(r["steps_to_target"], ".0f") if r["steps_to_target"] is not None else f"not reached in {steps}"
             lines.append(f"| {r['operator']} | {r['loss_after_growth']:.4f} | {reach} | {fmt(r['speedup'], '.2f')}x | "
                          f"{fmt(r['speedup_with_small'], '.2f')}x | {r['best_loss']:.4f} | {r['seconds']:.0f} |")
+        if g.get("budget_rows"):
+            lines.append("\nBudget-matched (the grown model trained with its own complete schedule of f x N steps):\n")
+            lines.append("| operator | steps (f x N) | final val loss | scratch's N-step loss | reached? | speed-up if reached "
+                         "| counting small-model FLOPs |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for b in g["budget_rows"]:
+                lines.append(f"| {b['operator']} | {b['steps']} ({b['fraction']:g} N) | {b['final_loss']:.4f} | "
+                             f"{g['target']:.4f} | {'yes' if b['reaches_target'] else 'no'} | "
+                             f"{b['ratio_if_reached']:.2f}x | {b['ratio_with_small_if_reached']:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 
@@ -150,6 +179,9 @@ def main() -> None:
     ap.add_argument("--small-steps", type=int, default=800, help="steps S of the small model before growth")
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--kinds", nargs="+", default=["width", "depth"], choices=["width", "depth"])
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.5, 0.25],
+                    help="fractions f of N for budget-matched clone+noise runs with their own schedule")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR (the small models' LR; µP scales grown matrices)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
@@ -168,7 +200,10 @@ def main() -> None:
     cmd = "python benchmarks/bench_speedup.py " + " ".join(
         [f"--arch {' '.join(args.arch)}", f"--steps {args.steps}", f"--small-steps {args.small_steps}",
          f"--batch {args.batch}", f"--lr {args.lr:g}", f"--eval-every {args.eval_every}", f"--seed {args.seed}",
-         f"--threads {args.threads}"] + ([f"--out {args.out}"] if args.out != default_out else []))
+         f"--threads {args.threads}"]
+        + ([f"--kinds {' '.join(args.kinds)}"] if args.kinds != ["width", "depth"] else [])
+        + ([f"--budgets {' '.join(f'{b:g}' for b in args.budgets)}"] if args.budgets != [0.5, 0.25] else [])
+        + ([f"--out {args.out}"] if args.out != default_out else []))
     md = "\n".join(table(r, args.steps) for r in results)
     save_json(args.out / "speedup.json", {"command": cmd, "torch": torch.__version__, "python": platform.python_version(),
                                           "seconds": round(time.time() - t0), "results": results})

@@ -7,6 +7,7 @@ from typing import Any
 _LAZY = {
     "grow": "growkit.pipeline",
     "grow_model": "growkit.pipeline",
+    "shrink": "growkit.shrink_command",
     "load_checkpoint": "growkit.checkpoint.reader",
     "GrowkitError": "growkit.errors",
     "push": "growkit.hub.push",

@@ -20,6 +20,7 @@ from growkit.grow_command import grow_command  # noqa: E402
 from growkit.hub.push import push_command  # noqa: E402
 from growkit.measure.command import inspect_command  # noqa: E402
 from growkit.recipe import run_command  # noqa: E402
+from growkit.shrink_command import shrink_command  # noqa: E402
 from growkit.train.cli import train_command  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -29,6 +30,7 @@ app.command("push")(push_command)
 app.command("run")(run_command)
 app.command("train")(train_command)
 app.command("inspect")(inspect_command)
+app.command("shrink")(shrink_command)
 
 
 @app.callback()

@@ -35,7 +35,8 @@ from typing import Any, Callable
 import typer
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+    model_validator,
 )
 
 from growkit.errors import GrowkitError
@@ -77,22 +78,16 @@ class GrowSection(_Section):
             raise ValueError("give width or at least one of hidden, ffn, heads, kv_heads, layers")
         return self
 
-    @field_validator("method")
+    @field_validator("method", "depth_method")
     @classmethod
-    def _known_method(cls, value: str) -> str:
+    def _known_name(cls, value: str, info: ValidationInfo) -> str:
         from growkit.operators import OPERATORS
-
-        if value not in OPERATORS:
-            raise ValueError(f"unknown method {value!r}; choose one of {', '.join(sorted(OPERATORS))}")
-        return value
-
-    @field_validator("depth_method")
-    @classmethod
-    def _known_depth_method(cls, value: str) -> str:
         from growkit.operators.depth import DEPTH_METHODS
 
-        if value not in DEPTH_METHODS:
-            raise ValueError(f"unknown depth method {value!r}; choose one of {', '.join(DEPTH_METHODS)}")
+        known = sorted(OPERATORS) if info.field_name == "method" else list(DEPTH_METHODS)
+        if value not in known:
+            what = "method" if info.field_name == "method" else "depth method"
+            raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(known)}")
         return value
 
 
@@ -327,7 +322,7 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
     provenance = grown.provenance
     cache = out.parent / f".{out.name}-data"  # stdlib text written once for training and evaluation
     if recipe.train is not None:
-        provenance = _train(recipe, grown.out_dir, out, cache, quiet)
+        provenance = _train(recipe, grown, out, cache, quiet)
     if recipe.eval is not None:
         compare = source if recipe.eval.compare_source else None
         result.evaluation = provenance["evaluation"] = evaluate_recipe(recipe.eval, out, compare, cache)
@@ -356,7 +351,8 @@ def _plan_lines(recipe: Recipe, source: Path, growth: Any, grown_out: Path, out:
     if recipe.eval is not None:
         lines.append(f"  eval on {', '.join(recipe.eval.data)} ({recipe.eval.blocks} blocks of {recipe.eval.seq_len})")
     if recipe.push is not None:
-        lines.append(f"  push to {recipe.push.repo_id}" + (f" ({recipe.push.revision})" if recipe.push.revision else ""))
+        branch = f" ({recipe.push.revision})" if recipe.push.revision else ""
+        lines.append(f"  push to {recipe.push.repo_id}{branch}")
     return lines
 
 
@@ -393,10 +389,9 @@ def _materialise(paths: list[str], cache: Path, max_bytes: int | None) -> list[s
     return out
 
 
-def _train(recipe: Recipe, grown: Path, out: Path, cache: Path, quiet: bool) -> dict[str, Any]:
-    """Continue training the grown checkpoint into `out`; returns its provenance, which growkit.train completes
-    with a "training" summary (steps, losses, µP base, settings)."""
-    from growkit.hub.card import load_provenance
+def _train(recipe: Recipe, grown: Any, out: Path, cache: Path, quiet: bool) -> dict[str, Any]:
+    """Continue training the grown checkpoint into `out`; returns the provenance there, which growkit.train
+    completes with its "training" summary (steps, losses, µP base, settings)."""
     from growkit.train import train
 
     options = dict(recipe.train or {})
@@ -405,11 +400,11 @@ def _train(recipe: Recipe, grown: Path, out: Path, cache: Path, quiet: bool) -> 
             value = options[key]
             options[key] = _materialise(value if isinstance(value, list) else [value], cache, None)
     options.setdefault("quiet", quiet)
-    result = train(grown, out=out, **options)
-    provenance = load_provenance(out)
-    if not provenance.get("training"):  # a growkit.train that records no summary: keep what it returned
-        provenance["training"] = {"steps": result.steps, "train_loss": result.train_loss,
-                                  "eval_loss": result.eval_loss}
+    result = train(grown.out_dir, out=out, **options)
+    written = out / "growkit.json"  # written by growkit.train when the run finished
+    provenance = json.loads(written.read_text(encoding="utf-8")) if written.is_file() else dict(grown.provenance)
+    provenance.setdefault("training", {"steps": result.steps, "train_loss": result.train_loss,
+                                       "eval_loss": result.eval_loss})
     return provenance
 
 

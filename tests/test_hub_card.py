@@ -58,9 +58,11 @@ def test_card_front_matter_and_body(tmp_path, tiny_gpt2):
     assert "max \\|Δlogits\\|: 2.4e-07" in body and "Δloss (grown − source): -3.1e-08" in body
     assert "missing_keys" not in body  # empty lists are noise
     assert "- optimizer steps: 300" in body and "- tokens seen: 614,400" in body
-    assert "- final training loss (mean of the last 20 steps): 2.5125" in body and "- final validation loss: 2.6" in body
+    assert "- final training loss (mean of the last 20 steps): 2.5125" in body
+    assert "- final validation loss: 2.6" in body
     assert "- training data: `stdlib-train.txt`" in body and "- settings: lr=0.003, batch_size=16, seq_len=128" in body
-    assert "- this model: 2.71" in body and "- source model: 2.93" in body and "on 4,096 tokens of stdlib val split" in body
+    assert "- this model: 2.71" in body and "- source model: 2.93" in body
+    assert "on 4,096 tokens of stdlib val split" in body
     assert "```bash\ngrowkit grow src --width 2x --layers 4 --method net2net --seed 7\n```" in body
 
 

@@ -211,7 +211,8 @@ def test_cli_push_success_and_401(hub, hub_env, tiny_gpt2):
     assert hub.files("alice/cli") == local_files(tiny_gpt2)
 
     bad = "hf_cliWrongToken00000000000000000"
-    denied = run_cli(["push", str(tiny_gpt2), "--repo-id", "alice/cli2", "--endpoint", hub.endpoint, "--token", bad], env)
+    denied = run_cli(["push", str(tiny_gpt2), "--repo-id", "alice/cli2", "--endpoint", hub.endpoint,
+                      "--token", bad], env)
     assert denied.returncode == 2
     assert denied.stderr.startswith("error: ") and "401 Unauthorized" in denied.stderr
     assert "Traceback" not in denied.stderr

@@ -196,14 +196,16 @@ push: {{repo_id: alice/tiny-llama-grown, endpoint: {hub.endpoint}, commit_messag
 
 
 def test_push_without_a_token_fails_before_growing(hub, tiny_gpt2, tmp_path):
-    path = write(tmp_path, f"source: {tiny_gpt2}\nout: o\ngrow: {{width: 2}}\npush: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
+    path = write(tmp_path, f"source: {tiny_gpt2}\nout: o\ngrow: {{width: 2}}\n"
+                           f"push: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
     with pytest.raises(GrowkitError, match="no Hugging Face token"):
         run_recipe(path, quiet=True)
     assert not (tmp_path / "o").exists() and hub.requests == []
 
 
 def test_no_push_override_skips_the_push(hub, tiny_gpt2, tmp_path):
-    path = write(tmp_path, f"source: {tiny_gpt2}\ngrow: {{width: 2}}\npush: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
+    path = write(tmp_path, f"source: {tiny_gpt2}\ngrow: {{width: 2}}\n"
+                           f"push: {{repo_id: a/b, endpoint: {hub.endpoint}}}\n")
     result = run_recipe(path, overrides={"push": None, "out": str(tmp_path / "o")}, quiet=True)
     assert result.pushed is None and hub.requests == []
     command = json.loads((tmp_path / "o" / "growkit.json").read_text())["command"]
@@ -261,5 +263,6 @@ eval: {{data: [{text}], seq_len: 32, blocks: 16}}
 
 def test_unknown_train_option_names_the_field(tmp_path):
     path = write(tmp_path, "grow: {width: 2}\ntrain: {data: [x.txt], stepz: 3}\n")
-    with pytest.raises(GrowkitError, match=r"r\.yaml: train\.stepz: not an option of growkit\.train \(options: .*steps"):
+    expected = r"r\.yaml: train\.stepz: not an option of growkit\.train \(options: .*steps"
+    with pytest.raises(GrowkitError, match=expected):
         load_recipe(path)

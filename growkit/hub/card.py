@@ -15,14 +15,12 @@ Provenance keys beyond the core format (CONTRACT.md), all optional:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from growkit.errors import GrowkitError
 
 AXES = ("hidden", "ffn", "heads", "kv_heads", "head_dim", "layers", "vocab")
 # The Hub's model tree knows adapter / merge / quantized / finetune; a grown model is a derived full checkpoint
@@ -169,8 +167,9 @@ def _verification(verification: dict | None) -> str:
     if not verification:
         return "Not measured for this checkpoint (`growkit grow --verify` measures it)."
     lines = ["Grown model vs. source on the same input (fp32):", ""]
-    labels = {"max_abs_dlogits": "max \\|Δlogits\\|", "dloss": "Δloss (grown − source)", "source_loss": "source loss",
-              "grown_loss": "grown loss", "tokens": "input tokens", "max_abs_logit": "max \\|logit\\| (for scale)"}
+    labels = {"max_abs_dlogits": "max \\|Δlogits\\|", "dloss": "Δloss (grown − source)",
+              "source_loss": "source loss", "grown_loss": "grown loss", "tokens": "input tokens",
+              "max_abs_logit": "max \\|logit\\| (for scale)"}
     for key, value in verification.items():
         if value is not None and value != []:
             lines.append(f"- {labels.get(key, key)}: {_num(value)}")
@@ -232,16 +231,3 @@ def _api_call(provenance: dict) -> str:
     fn = "shrink" if provenance.get("kind") == "shrink" else "grow"
     return f"import growkit\n\ngrowkit.{fn}({', '.join(args)})"
 
-
-def load_provenance(out_dir: Path) -> dict:
-    """Read `out_dir/growkit.json`, with a one-line error naming the file."""
-    path = Path(out_dir) / "growkit.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GrowkitError(f"{path}: missing (not a growkit output directory?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GrowkitError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise GrowkitError(f"{path}: not a JSON object")
-    return data

@@ -8,9 +8,10 @@ from typing import Any
 from growkit.errors import GrowkitError
 from growkit.operators.base import Operator
 from growkit.operators.rc_sample import RCSample
+from growkit.operators.shrink import Select, Subclone
 from growkit.operators.width import Clone, CopyPad, Net2Net
 
-OPERATORS: dict[str, type[Operator]] = {op.name: op for op in (Clone, CopyPad, Net2Net, RCSample)}
+OPERATORS: dict[str, type[Operator]] = {op.name: op for op in (Clone, CopyPad, Net2Net, RCSample, Subclone, Select)}
 
 
 def get_operator(name: str, **options: Any) -> Operator:

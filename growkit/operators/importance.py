@@ -1,0 +1,286 @@
+"""Neuron and block importance for `subclone`: from activations on calibration text, or from weight norms.
+
+Everything is found through the architecture specs, never by module class: the FFN reader (the tensor that reads the
+`ffn` axis), the head reader (reads kv_heads x qgroup x head_dim), the hidden-axis norms and the blocks (the prefix of
+the per-layer tensor names). Hooks on those modules see exactly what each axis carries in the source model:
+
+- an FFN neuron's importance is the mean size of what it writes into the residual stream, mean_t |a_j| * ||w_j||;
+- a head's is the mean norm of its own term of the attention output, mean_t ||W_o,h a_h||; a kv head's is the sum
+  over its query group (so a GQA group is kept or dropped whole);
+- a residual-stream coordinate's is its mean |value| after every norm (what every reader sees), each norm site
+  weighted equally, summed over the whole network (the stream is one axis);
+- a block's is how much it changes the stream: sum_t ||out - in|| / sum_t ||in|| (a ratio of sums, so tokens whose
+  embedding is near zero cannot dominate).
+
+Alongside, the energies the fan-in rescaling needs (mean squared contributions) and, per norm site, the share of the
+norm's statistic each coordinate carries (to correct norm gains when coordinates are dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, Sizes, TensorSpec
+from growkit.checkpoint.reader import Checkpoint
+from growkit.errors import GrowkitError
+
+HEAD_AXES = (KV_HEADS, QGROUP, HEAD_DIM)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "*.tiktoken")
+
+
+@dataclass
+class Importance:
+    """Per-axis scores (higher = keep) and energies of a source model; lists are indexed by source layer."""
+
+    source: Literal["activations", "weights"]
+    hidden: torch.Tensor  # [hidden]
+    ffn: list[torch.Tensor]  # [ffn] per layer
+    heads: list[torch.Tensor]  # [kv_heads, qgroup] per layer
+    blocks: torch.Tensor  # [layers]: how much each block changes the residual stream
+    hidden_energy: torch.Tensor  # [hidden], each norm site's share of post-norm energy, averaged over sites
+    ffn_energy: list[torch.Tensor]
+    head_energy: list[torch.Tensor]
+    #: per norm site (tensor name at its source layer): each coordinate's mean share of the norm's statistic
+    norm_share: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Where each axis is read in a family's tensors (found from the specs)."""
+
+    norms: list[TensorSpec]  # norm gains on the hidden axis (per layer and final)
+    ffn_reader: TensorSpec
+    head_reader: TensorSpec
+    block_prefix: str  # e.g. "model.layers.{}"
+    rms: bool
+
+    @classmethod
+    def of(cls, family: Family, specs: list[TensorSpec]) -> "ModelParts":
+        norms = [s for s in specs if s.kind == "norm_weight" and s.dims == (Dim((HIDDEN,), "elem"),)]
+        ffn_reader = _one(specs, lambda s: s.kind == "weight" and Dim((FFN,), "in") in s.dims, "FFN reader")
+        head_reader = _one(specs, lambda s: s.kind == "weight" and Dim(HEAD_AXES, "in") in s.dims, "head reader")
+        name = next(s.name for s in specs if s.per_layer)
+        return cls(norms, ffn_reader, head_reader, name[: name.index("{}") + 2], family.norm == "rms")
+
+
+def _one(specs: list[TensorSpec], pred: Any, what: str) -> TensorSpec:
+    found = [s for s in specs if s.per_layer and pred(s)]
+    if len(found) != 1:
+        raise GrowkitError(f"subclone: expected one {what} tensor per layer, found {[s.name for s in found]}")
+    return found[0]
+
+
+def _module_name(tensor_name: str) -> str:
+    return tensor_name.removesuffix(".weight")
+
+
+def _dim_sizes(dim: Dim, sizes: Sizes) -> list[int]:
+    return [sizes.axis(a) for a in dim.axes]
+
+
+def axis_energy(x: torch.Tensor, spec: TensorSpec, sizes: Sizes, keep: tuple[str, ...]) -> torch.Tensor | None:
+    """Sum of x^2 over everything but the axes `keep` (in that order; an axis the tensor lacks is summed as size 1).
+
+    None when the tensor touches none of `keep`.
+    """
+    if not any(a in d.axes for d in spec.dims for a in keep):
+        return None
+    factors: list[str] = []
+    shape: list[int] = []
+    for dim in spec.dims:
+        factors += list(dim.axes)
+        shape += _dim_sizes(dim, sizes)
+    e = (x.reshape(shape) ** 2)
+    present = [a for a in keep if a in factors]
+    others = [i for i, a in enumerate(factors) if a not in present]
+    e = e.sum(dim=others) if others else e
+    order = [a for a in factors if a in present]
+    e = e.permute([order.index(a) for a in present])
+    return e.reshape([sizes.axis(a) if a in present else 1 for a in keep])
+
+
+def _normalized(e: torch.Tensor) -> torch.Tensor:
+    return e / e.mean().clamp(min=1e-30)
+
+
+def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, parts: ModelParts) -> Importance:
+    """The fallback without calibration text: how large each neuron's incoming and outgoing weights are.
+
+    A neuron's score is sqrt(write energy x read energy) (each tensor normalised to mean 1, so no tensor dominates by
+    its scale); a hidden coordinate's is the normalised energy summed over every tensor touching the stream
+    (embeddings, readers, writers and norm gains); a block's is the norm of its residual writers (a poor guide:
+    `Subclone` replaces it by the blocks' relative update on random token ids when it removes blocks).
+    """
+    hidden = torch.zeros(sizes.hidden)
+    ffn_w = [torch.zeros(sizes.ffn) for _ in range(sizes.layers)]
+    ffn_r = [torch.zeros(sizes.ffn) for _ in range(sizes.layers)]
+    head_w = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(sizes.layers)]
+    head_r = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(sizes.layers)]
+    blocks = torch.zeros(sizes.layers)
+    for spec in specs:
+        if spec.kind not in ("weight", "embedding", "norm_weight"):
+            continue
+        for layer in range(sizes.layers) if spec.per_layer else [None]:
+            x = ckpt.get(spec.at(layer))
+            e = axis_energy(x, spec, sizes, (HIDDEN,))
+            if e is not None:
+                hidden += _normalized(e)
+            if layer is None or spec.kind != "weight":
+                continue
+            role = {a: d.role for d in spec.dims for a in d.axes}
+            if (e := axis_energy(x, spec, sizes, (FFN,))) is not None:
+                (ffn_w if role[FFN] == "out" else ffn_r)[layer] += _normalized(e)
+            if (e := axis_energy(x, spec, sizes, (KV_HEADS, QGROUP))) is not None:
+                (head_w if role[KV_HEADS] == "out" else head_r)[layer] += _normalized(e)
+            if spec.writes_hidden():
+                blocks[layer] += float(x.norm())
+    ffn = [(w * r).sqrt() for w, r in zip(ffn_w, ffn_r)]
+    heads = [(w * r).sqrt() for w, r in zip(head_w, head_r)]
+    return Importance(source="weights", hidden=hidden, ffn=ffn, heads=heads, blocks=blocks,
+                      hidden_energy=hidden / hidden.sum(), ffn_energy=[f**2 for f in ffn],
+                      head_energy=[h**2 for h in heads])
+
+
+def calibration_tokens(files: Sequence[str | Path], tokenizer_dir: str | Path | None, seq_len: int,
+                       max_tokens: int) -> torch.Tensor:
+    """The calibration text, tokenized with the checkpoint's own tokenizer, as [n, seq_len] blocks (in file order)."""
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir is None or not any(any(Path(tokenizer_dir).glob(p)) for p in _TOKENIZER_FILES):
+        where = "the checkpoint has no directory" if tokenizer_dir is None else f"{tokenizer_dir} has no tokenizer files"
+        raise GrowkitError(f"calibration text needs the model's tokenizer: {where} (pass --tokenizer DIR)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
+        raise GrowkitError(f"{tokenizer_dir}: cannot load a tokenizer for the calibration text "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    ids: list[int] = []
+    for f in files:
+        path = Path(f)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise GrowkitError(f"{path}: cannot read calibration text ({exc.strerror or exc})") from None
+        ids += tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise GrowkitError(f"calibration text {', '.join(map(str, files))} gives {len(ids)} tokens; need at least 2")
+    if len(ids) < seq_len:
+        return torch.tensor(ids).unsqueeze(0)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def _heads_view(w: torch.Tensor, spec: TensorSpec, sizes: Sizes) -> torch.Tensor:
+    """The head reader's weight as [out, kv, qgroup, head_dim], whatever its layout (Linear or Conv1D)."""
+    i = spec.dims.index(Dim(HEAD_AXES, "in"))
+    w = w.movedim(i, -1)
+    return w.reshape(-1, sizes.kv_heads, sizes.qgroup, sizes.head_dim)
+
+
+def _ffn_writer_norm(w: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    i = spec.dims.index(Dim((FFN,), "in"))
+    return w.movedim(i, -1).reshape(-1, w.shape[i]).norm(dim=0)
+
+
+@torch.no_grad()
+def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, parts: ModelParts,
+                          tokens: torch.Tensor, batch_size: int = 8) -> Importance:
+    """Run the source model on calibration tokens with hooks on each axis's reader and on each block."""
+    from growkit.verify import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt)
+    L = sizes.layers
+    count = 0
+    ffn_abs = [torch.zeros(sizes.ffn) for _ in range(L)]
+    ffn_sq = [torch.zeros(sizes.ffn) for _ in range(L)]
+    head_abs = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
+    head_sq = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
+    block_update = torch.zeros(L)
+    block_stream = torch.zeros(L)
+    sites = [n.at(layer) for n in parts.norms for layer in (range(L) if n.per_layer else [None])]
+    norm_abs = {s: torch.zeros(sizes.hidden) for s in sites}
+    norm_sq = {s: torch.zeros(sizes.hidden) for s in sites}
+    norm_share = {s: torch.zeros(sizes.hidden) for s in sites}
+    w_ffn = [_ffn_writer_norm(ckpt.get(parts.ffn_reader.at(l)), parts.ffn_reader) for l in range(L)]
+    w_heads = [_heads_view(ckpt.get(parts.head_reader.at(l)), parts.head_reader, sizes) for l in range(L)]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, t.shape[-1]).float()
+
+    def on_ffn(layer: int):
+        def hook(module: Any, args: tuple) -> None:
+            a = flat(args[0])
+            ffn_abs[layer].add_(a.abs().sum(0))
+            ffn_sq[layer].add_((a**2).sum(0))
+        return hook
+
+    def on_heads(layer: int):
+        def hook(module: Any, args: tuple) -> None:
+            a = flat(args[0]).view(-1, sizes.kv_heads, sizes.qgroup, sizes.head_dim)
+            for chunk in a.split(256):
+                c = torch.einsum("nkqd,okqd->nkqo", chunk, w_heads[layer]).norm(dim=-1)
+                head_abs[layer].add_(c.sum(0))
+                head_sq[layer].add_((c**2).sum(0))
+        return hook
+
+    def on_norm_in(site: str):
+        def hook(module: Any, args: tuple) -> None:
+            x = flat(args[0])
+            if not parts.rms:
+                x = x - x.mean(-1, keepdim=True)
+            e = x**2
+            norm_share[site].add_((e / e.sum(-1, keepdim=True).clamp(min=1e-30)).sum(0))
+        return hook
+
+    def on_norm_out(site: str):
+        def hook(module: Any, args: tuple, out: Any) -> None:
+            y = flat(out[0] if isinstance(out, tuple) else out)
+            norm_abs[site].add_(y.abs().sum(0))
+            norm_sq[site].add_((y**2).sum(0))
+        return hook
+
+    def on_block(layer: int):
+        def hook(module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+            x = flat(args[0] if args else kwargs["hidden_states"])
+            y = flat(out[0] if isinstance(out, tuple) else out)
+            block_update[layer] += float((y - x).norm(dim=-1).sum())
+            block_stream[layer] += float(x.norm(dim=-1).sum())
+        return hook
+
+    handles = []
+    try:
+        for layer in range(L):
+            handles.append(model.get_submodule(_module_name(parts.ffn_reader.at(layer)))
+                           .register_forward_pre_hook(on_ffn(layer)))
+            handles.append(model.get_submodule(_module_name(parts.head_reader.at(layer)))
+                           .register_forward_pre_hook(on_heads(layer)))
+            handles.append(model.get_submodule(parts.block_prefix.format(layer))
+                           .register_forward_hook(on_block(layer), with_kwargs=True))
+        for site in sites:
+            module = model.get_submodule(_module_name(site))
+            handles.append(module.register_forward_pre_hook(on_norm_in(site)))
+            handles.append(module.register_forward_hook(on_norm_out(site)))
+        for batch in tokens.split(batch_size):
+            model(input_ids=batch)
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+
+    ffn = [a / count * w for a, w in zip(ffn_abs, w_ffn)]
+    ffn_energy = [s / count * w**2 for s, w in zip(ffn_sq, w_ffn)]
+    hidden = sum(a / a.sum().clamp(min=1e-30) for a in norm_abs.values())
+    hidden_energy = sum(s / s.sum().clamp(min=1e-30) for s in norm_sq.values()) / len(sites)
+    return Importance(source="activations", hidden=hidden, ffn=ffn, heads=[h / count for h in head_abs],
+                      blocks=block_update / block_stream.clamp(min=1e-30), hidden_energy=hidden_energy, ffn_energy=ffn_energy,
+                      head_energy=[h / count for h in head_sq],
+                      norm_share={s: v / count for s, v in norm_share.items()})

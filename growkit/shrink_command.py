@@ -1,0 +1,114 @@
+"""`growkit shrink` and `growkit.shrink`: a smaller checkpoint initialised from a larger one.
+
+Thin layer over the growth pipeline (`direction="shrink"`): the operator (`subclone`, `select`, or any other that can
+shrink) decides which neurons, heads and blocks to keep; apply and the writer are shared with `grow`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+
+from growkit.errors import GrowkitError
+from growkit.grow_command import run_resize
+from growkit.operators.shrink import DEFAULT_RESCALE, RESCALE_MODES
+from growkit.pipeline import GrowResult, grow
+
+Opt = typer.Option
+SHRINK_METHODS = "subclone | select | rc-sample"
+
+
+#: Options that only one shrinking method reads, by method.
+METHOD_OPTIONS = {"subclone": ("calibration", "tokenizer", "calibration_tokens", "rescale"), "rc-sample": ("estimator",)}
+
+
+def shrink_options(method: str, calibration: list[str | Path] | str | Path | None = None,
+                   tokenizer: str | Path | None = None, calibration_tokens: int | None = None,
+                   rescale: str | None = None, estimator: str | None = None,
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Operator options for a shrink, JSON-ready for the provenance; subclone records where importance came from
+    and its rescale mode. An option meant for another method is an error, not silently ignored."""
+    if isinstance(calibration, (str, Path)):
+        calibration = [calibration]
+    given = {k: v for k, v in dict(calibration=[str(c) for c in calibration or []] or None,
+                                    tokenizer=None if tokenizer is None else str(tokenizer),
+                                    calibration_tokens=calibration_tokens, rescale=rescale,
+                                    estimator=estimator).items() if v is not None}
+    for key in given:
+        owner = next(m for m, keys in METHOD_OPTIONS.items() if key in keys)
+        if owner != method:
+            raise GrowkitError(f"--method {method} does not use --{key.replace('_', '-')} (only {owner} does)")
+    for path in given.get("calibration", []):
+        if not Path(path).is_file():
+            raise GrowkitError(f"{path}: calibration file not found")
+    options: dict[str, Any] = {**dict(extra or {}), **given}
+    if method == "subclone":
+        options.setdefault("importance", "activations" if given.get("calibration") else "weights")
+        options.setdefault("rescale", DEFAULT_RESCALE)
+    return options
+
+
+def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float | None = None,
+           hidden: int | None = None, ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
+           layers: str | int | None = None, method: str = "subclone",
+           calibration: list[str | Path] | str | Path | None = None, tokenizer: str | Path | None = None,
+           calibration_tokens: int | None = None, rescale: str | None = None, estimator: str | None = None,
+           seed: int = 0,
+           dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+           quiet: bool = False, config: str | Path | Mapping[str, Any] | None = None, verify: bool = False,
+           allow_pickle: bool = False, allow_nonfinite: bool = False, base_model: str | None = None,
+           command: str | None = None, operator_options: Mapping[str, Any] | None = None) -> GrowResult:
+    """Shrink the checkpoint at `src` into a new checkpoint directory (default `SRC-shrunk` beside it).
+
+    `calibration`: text files for activation importance (subclone); without them subclone ranks by weight norms.
+    `rescale`: subclone's scale correction, "none" | "norm" | "fanin" (see `growkit.operators.shrink.Subclone`).
+    `estimator`: rc-sample's fitted measure (where that operator is installed).
+    """
+    options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator, operator_options)
+    return grow(src, out, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
+                method=method, depth_method=None, seed=seed, dtype=dtype,  # type: ignore[arg-type]
+                max_shard_size=max_shard_size, overwrite=overwrite, quiet=quiet, config=config, verify=verify,
+                allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, base_model=base_model, command=command,
+                direction="shrink", operator_options=options or None)
+
+
+def shrink_command(
+    src: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file")],
+    out: Annotated[Optional[Path], Opt("--out", "-o", help="Output directory (default: SRC-shrunk beside SRC)")] = None,
+    width: Annotated[Optional[str], Opt(help="Scale hidden, ffn, heads and kv heads together, e.g. 0.5x")] = None,
+    hidden: Annotated[Optional[int], Opt(help="Target hidden size")] = None,
+    ffn: Annotated[Optional[int], Opt(help="Target FFN (intermediate) size")] = None,
+    heads: Annotated[Optional[int], Opt(help="Target attention heads (head_dim is kept)")] = None,
+    kv_heads: Annotated[Optional[int], Opt("--kv-heads", help="Target key/value heads")] = None,
+    layers: Annotated[Optional[str], Opt(help="Target layers: N or a factor like 0.5x")] = None,
+    method: Annotated[str, Opt(help=SHRINK_METHODS)] = "subclone",
+    calibration: Annotated[Optional[list[Path]], Opt(help="subclone: text file(s) for activation importance "
+                                                     "(repeat the option for several); without it, weight norms")] = None,
+    tokenizer: Annotated[Optional[Path], Opt(help="subclone: tokenizer directory (default: the checkpoint's)")] = None,
+    calibration_tokens: Annotated[Optional[int], Opt("--calibration-tokens",
+                                                     help="subclone: calibration tokens to use (default 8192)")] = None,
+    rescale: Annotated[Optional[str], Opt(help=f"subclone: {' | '.join(RESCALE_MODES)} (default {DEFAULT_RESCALE})")] = None,
+    estimator: Annotated[Optional[str], Opt(help="rc-sample: empirical | kde | gaussian")] = None,
+    seed: Annotated[int, Opt(help="Random seed")] = 0,
+    dtype: Annotated[Optional[str], Opt(help="Output dtype (default: the source's)")] = None,
+    max_shard_size: Annotated[str, Opt("--max-shard-size", help="Largest shard, e.g. 5GB or 500MiB")] = "5GB",
+    config: Annotated[Optional[Path], Opt(help="config.json for a bare .safetensors file")] = None,
+    base_model: Annotated[Optional[str], Opt("--base-model", help="Hub id of the source, for the model card")] = None,
+    overwrite: Annotated[bool, Opt(help="Replace OUT if it exists")] = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Print the plan and write nothing")] = False,
+    verify: Annotated[bool, Opt(help="Load source and output with transformers and compare logits and loss")] = False,
+    allow_pickle: Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")] = False,
+    allow_nonfinite: Annotated[bool, Opt("--allow-nonfinite", help="Shrink weights with NaN/Inf")] = False,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar")] = False,
+) -> None:
+    """Shrink a checkpoint in width and/or depth (subclone: keep the most important neurons, heads and blocks)."""
+    operator_options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator)
+    options = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
+                   depth_method=None, seed=seed, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                   base_model=base_model, allow_nonfinite=allow_nonfinite, direction="shrink",
+                   operator_options=operator_options or None)
+    run_resize(src, out, dry_run, quiet, verify, options, config, allow_pickle)
