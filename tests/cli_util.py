@@ -69,6 +69,8 @@ while queue or running:
     pid, status = os.wait()
     i, out, err = running.pop(pid)
     results[i] = [os.waitstatus_to_exitcode(status), open(out).read(), open(err).read()]
+import shutil
+shutil.rmtree(workdir, ignore_errors=True)
 print(json.dumps([results[i] for i in range(len(jobs))]))
 """
 

@@ -161,3 +161,18 @@ def test_overwrite_swaps_in_one_step(tmp_path):
     if not _exchange(a, b):
         pytest.skip("this file system has no atomic exchange; the writer falls back to two renames")
     assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"
+
+
+def test_an_output_that_appears_while_writing_is_not_replaced(tmp_path):
+    """Two runs racing for one output: the second to finish must not clobber the first's (without --overwrite)."""
+    from growkit.errors import GrowkitError
+
+    out = tmp_path / "out"
+    writer = CheckpointWriter(out, [TensorEntry("w", (2,), torch.float32)], 1 << 20, {})
+    writer.add("w", torch.ones(2))
+    out.mkdir()  # the other run's output lands first
+    (out / "theirs").write_text("x")
+    with pytest.raises(GrowkitError, match="appeared meanwhile"):
+        with writer:
+            writer.commit()
+    assert (out / "theirs").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

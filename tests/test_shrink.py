@@ -216,4 +216,15 @@ def test_cli_shrink_default_output_and_one_line_error(tmp_path, calib):
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 1)
     bad = subprocess.run([*run[:5], "--width", "2x", "-o", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: hidden would grow from 64 to 128; use `growkit grow`"]
+        f"error: {src}: hidden would grow from 64 to 128; use `growkit grow`"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-tied"])
+def test_rc_sample_shrinks_through_the_same_command(tiny, tmp_path, family):
+    """`growkit shrink --method rc-sample` (the measure helper's operator): loads cleanly, fewer layers included
+    (operators that do not rank blocks keep evenly strided layers)."""
+    result = shrink(tiny(family), tmp_path / "out", width="0.5x", layers=1, method="rc-sample", verify=True, quiet=True)
+    _loaded_cleanly(result)
+    assert result.provenance["operator"] == "rc-sample" and result.provenance["layer_map"] == [0]
+    with pytest.raises(GrowkitError, match=re.escape("--method rc-sample does not use --calibration")):
+        shrink(tiny(family), tmp_path / "bad", width="0.5x", method="rc-sample", calibration=["x.txt"], quiet=True)

@@ -149,7 +149,7 @@ def test_two_processes_shard_data_and_match_one_process(tmp_path, corpus):
     grown = growkit.grow(src, tmp_path / "grown", width=2, method="clone", noise_snr_db=20, quiet=True).out_dir
     args = ["--data", str(corpus["train"]), "--steps", "6", "--lr", "2e-3", "--seq-len", "64", "--seed", "1", "-q"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", "-m", "growkit.cli", "train", str(grown), "-o", str(tmp_path / "ddp"),
+                        str(_free_port()), "-m", "growkit.cli", "train", str(grown), "-o", str(tmp_path / "ddp"),
                         "--batch-size", "2", *args], capture_output=True, text=True, env=ENV, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "training.json").read_text())
@@ -162,3 +162,12 @@ def test_two_processes_shard_data_and_match_one_process(tmp_path, corpus):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     prov = json.loads((tmp_path / "ddp" / "growkit.json").read_text())
     assert prov["operator"] == "clone" and prov["training"]["steps"] == 6
+
+
+def _free_port() -> int:
+    """A port nobody listens on now, so two suites on one machine do not collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

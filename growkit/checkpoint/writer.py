@@ -237,9 +237,11 @@ class CheckpointWriter:
             _fsync_dir(self.tmp)
         with _signals_held():
             with self.guard("the directory"):
-                if self.out.exists():
+                if self.overwrite and self.out.exists():
                     self._replace_existing()
-                else:
+                elif not _rename2(self.tmp, self.out, _RENAME_NOREPLACE):
+                    if self.out.exists():  # where the OS cannot refuse atomically, check just before
+                        raise FileExistsError(errno.EEXIST, "exists", str(self.out))
                     os.rename(self.tmp, self.out)
             self.committed = True
         try:
@@ -252,7 +254,7 @@ class CheckpointWriter:
 
     def _replace_existing(self) -> None:
         """--overwrite: swap the new directory in atomically where the OS can (Linux renameat2), else two renames."""
-        if _exchange(self.tmp, self.out):
+        if _rename2(self.tmp, self.out, _RENAME_EXCHANGE):
             shutil.rmtree(self.tmp, ignore_errors=True)  # self.tmp now holds the previous output
             return
         old = self.tmp.with_name(self.tmp.name + "-old")
@@ -288,6 +290,8 @@ class CheckpointWriter:
 def _why(exc: OSError) -> str:
     """The cause of an I/O error in the words a user searches for."""
     known = {errno.ENOSPC: "disk full (no space left on device)", errno.EDQUOT: "disk quota exceeded",
+             errno.EEXIST: "the output appeared meanwhile (another run?) and was not replaced",
+             errno.ENOTEMPTY: "the output appeared meanwhile (another run?) and was not replaced",
              errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
              errno.EFBIG: "file too large for this file system or the file-size limit (ulimit -f)"}
     return known.get(exc.errno or 0, exc.strerror or str(exc))
@@ -307,21 +311,29 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _rename2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2: RENAME_NOREPLACE fails if `b` exists (two runs racing for one output cannot clobber each
+    other), RENAME_EXCHANGE swaps two existing paths in one step. False where the OS or file system lacks it."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     renameat2.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    return _rename2(a, b, _RENAME_EXCHANGE)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,11 +9,12 @@ DEPTH_METHODS = ("stack", "interleave", "identity")
 
 def depth_map(method: str | None, old: int, new: int) -> tuple[list[int], set[int]]:
     """`stack` repeats the whole stack, `interleave` repeats each layer in place, `identity` interleaves copies whose
-    residual writers are zero, so the grown model computes exactly what the source did."""
+    residual writers are zero, so the grown model computes exactly what the source did. Fewer layers (only reachable
+    from `growkit shrink`; the plan refuses them when growing) keep evenly strided layers."""
     if new == old:
         return list(range(old)), set()
-    if new < old:
-        raise GrowkitError(f"cannot grow depth from {old} to {new} layers; use `growkit shrink` to remove layers")
+    if new < old:  # shrinking with an operator that does not rank blocks itself: evenly strided, the first kept
+        return [i * old // new for i in range(new)], set()
     if method == "stack":
         return [i % old for i in range(new)], set()
     src = [i * old // new for i in range(new)]

@@ -133,7 +133,8 @@ class Subclone(Operator):
             removes_blocks = plan.target.layers < plan.source.layers
             print("growkit: warning: no calibration text; subclone ranks neurons by weight norms"
                   + (" and blocks by their update on random token ids" if removes_blocks else "")
-                  + " (pass --calibration FILES to rank them by activations on real text)", file=sys.stderr)
+                  + "; pass --calibration FILES to rank them by activations on real text (without it, --method select "
+                  "kept more in benchmarks/bench_shrink.py)", file=sys.stderr)
             imp = weight_importance(ckpt, specs, plan.source, parts)
             if removes_blocks:
                 # Weight norms say nothing about how much a block changes the stream (the first block, which turns
