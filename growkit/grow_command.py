@@ -19,6 +19,23 @@ from growkit.pipeline import Growth, default_output, grow, plan_growth
 
 Opt = typer.Option
 
+#: Options `grow` and `shrink` share, declared once.
+SrcArg = Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file")]
+HiddenOpt = Annotated[Optional[int], Opt(help="Target hidden size")]
+FfnOpt = Annotated[Optional[int], Opt(help="Target FFN (intermediate) size")]
+HeadsOpt = Annotated[Optional[int], Opt(help="Target attention heads (head_dim is kept)")]
+KvHeadsOpt = Annotated[Optional[int], Opt("--kv-heads", help="Target key/value heads")]
+EstimatorOpt = Annotated[Optional[str], Opt(help="rc-sample: empirical | kde | gaussian")]
+SeedOpt = Annotated[int, Opt(help="Random seed")]
+DtypeOpt = Annotated[Optional[str], Opt(help="Output dtype (default: the source's)")]
+ShardSizeOpt = Annotated[str, Opt("--max-shard-size", help="Largest shard, e.g. 5GB or 500MiB")]
+ConfigOpt = Annotated[Optional[Path], Opt(help="config.json for a bare .safetensors file")]
+BaseModelOpt = Annotated[Optional[str], Opt("--base-model", help="Hub id of the source, for the model card")]
+OverwriteOpt = Annotated[bool, Opt(help="Replace OUT if it exists")]
+DryRunOpt = Annotated[bool, Opt("--dry-run", help="Print the plan and write nothing")]
+AllowPickleOpt = Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")]
+QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress bar")]
+
 
 def plan_table(growth: Growth, title: str) -> Table:
     """Old -> new size of every axis, and parameter counts: what `--dry-run` shows before anything is written."""
@@ -69,31 +86,31 @@ def run_resize(src: Path, out: Optional[Path], dry_run: bool, quiet: bool, verif
 
 
 def grow_command(
-    src: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file")],
+    src: SrcArg,
     out: Annotated[Optional[Path], Opt("--out", "-o", help="Output directory (default: SRC-grown beside SRC)")] = None,
     width: Annotated[Optional[str], Opt(help="Scale hidden, ffn, heads and kv heads together, e.g. 2x")] = None,
-    hidden: Annotated[Optional[int], Opt(help="Target hidden size")] = None,
-    ffn: Annotated[Optional[int], Opt(help="Target FFN (intermediate) size")] = None,
-    heads: Annotated[Optional[int], Opt(help="Target attention heads (head_dim is kept)")] = None,
-    kv_heads: Annotated[Optional[int], Opt("--kv-heads", help="Target key/value heads")] = None,
+    hidden: HiddenOpt = None,
+    ffn: FfnOpt = None,
+    heads: HeadsOpt = None,
+    kv_heads: KvHeadsOpt = None,
     layers: Annotated[Optional[str], Opt(help="Target layers: N or a factor like 2x")] = None,
     method: Annotated[str, Opt(help="clone | copy-pad | net2net | rc-sample")] = "clone",
     depth_method: Annotated[str, Opt("--depth-method", help=" | ".join(DEPTH_METHODS))] = "stack",
     noise_snr_db: Annotated[Optional[float], Opt("--noise-snr-db", help="Symmetric noise on cloned readers "
                                                  "(signal-to-noise in dB); keeps the function exact")] = None,
-    estimator: Annotated[Optional[str], Opt(help="rc-sample: empirical | kde | gaussian")] = None,
+    estimator: EstimatorOpt = None,
     resample_all: Annotated[bool, Opt("--resample-all", help="rc-sample: draw every neuron, not only new ones")] = False,
-    seed: Annotated[int, Opt(help="Random seed")] = 0,
-    dtype: Annotated[Optional[str], Opt(help="Output dtype (default: the source's)")] = None,
-    max_shard_size: Annotated[str, Opt("--max-shard-size", help="Largest shard, e.g. 5GB or 500MiB")] = "5GB",
-    config: Annotated[Optional[Path], Opt(help="config.json for a bare .safetensors file")] = None,
-    base_model: Annotated[Optional[str], Opt("--base-model", help="Hub id of the source, for the model card")] = None,
-    overwrite: Annotated[bool, Opt(help="Replace OUT if it exists")] = False,
-    dry_run: Annotated[bool, Opt("--dry-run", help="Print the plan and write nothing")] = False,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    max_shard_size: ShardSizeOpt = "5GB",
+    config: ConfigOpt = None,
+    base_model: BaseModelOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
     verify: Annotated[bool, Opt(help="Load source and output with transformers and compare logits")] = False,
-    allow_pickle: Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")] = False,
+    allow_pickle: AllowPickleOpt = False,
     allow_nonfinite: Annotated[bool, Opt("--allow-nonfinite", help="Grow weights with NaN/Inf")] = False,
-    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Grow a checkpoint in width and/or depth, streamed tensor by tensor into a new Hugging Face checkpoint."""
     operator_options = {k: v for k, v in dict(estimator=estimator, resample_all=resample_all or None).items()

@@ -14,7 +14,10 @@ import torch
 import typer
 
 from growkit.errors import GrowkitError
-from growkit.grow_command import run_resize
+from growkit.grow_command import (
+    AllowPickleOpt, BaseModelOpt, ConfigOpt, DryRunOpt, DtypeOpt, EstimatorOpt, FfnOpt, HeadsOpt, HiddenOpt,
+    KvHeadsOpt, OverwriteOpt, QuietOpt, SeedOpt, ShardSizeOpt, SrcArg, run_resize,
+)
 from growkit.operators.shrink import DEFAULT_RESCALE, RESCALE_MODES
 from growkit.pipeline import GrowResult, grow
 
@@ -77,13 +80,13 @@ def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float
 
 
 def shrink_command(
-    src: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file")],
+    src: SrcArg,
     out: Annotated[Optional[Path], Opt("--out", "-o", help="Output directory (default: SRC-shrunk beside SRC)")] = None,
     width: Annotated[Optional[str], Opt(help="Scale hidden, ffn, heads and kv heads together, e.g. 0.5x")] = None,
-    hidden: Annotated[Optional[int], Opt(help="Target hidden size")] = None,
-    ffn: Annotated[Optional[int], Opt(help="Target FFN (intermediate) size")] = None,
-    heads: Annotated[Optional[int], Opt(help="Target attention heads (head_dim is kept)")] = None,
-    kv_heads: Annotated[Optional[int], Opt("--kv-heads", help="Target key/value heads")] = None,
+    hidden: HiddenOpt = None,
+    ffn: FfnOpt = None,
+    heads: HeadsOpt = None,
+    kv_heads: KvHeadsOpt = None,
     layers: Annotated[Optional[str], Opt(help="Target layers: N or a factor like 0.5x")] = None,
     method: Annotated[str, Opt(help=SHRINK_METHODS)] = "subclone",
     calibration: Annotated[Optional[list[Path]], Opt(help="subclone: text file(s) for activation importance "
@@ -92,18 +95,18 @@ def shrink_command(
     calibration_tokens: Annotated[Optional[int], Opt("--calibration-tokens",
                                                      help="subclone: calibration tokens to use (default 8192)")] = None,
     rescale: Annotated[Optional[str], Opt(help=f"subclone: {' | '.join(RESCALE_MODES)} (default {DEFAULT_RESCALE})")] = None,
-    estimator: Annotated[Optional[str], Opt(help="rc-sample: empirical | kde | gaussian")] = None,
-    seed: Annotated[int, Opt(help="Random seed")] = 0,
-    dtype: Annotated[Optional[str], Opt(help="Output dtype (default: the source's)")] = None,
-    max_shard_size: Annotated[str, Opt("--max-shard-size", help="Largest shard, e.g. 5GB or 500MiB")] = "5GB",
-    config: Annotated[Optional[Path], Opt(help="config.json for a bare .safetensors file")] = None,
-    base_model: Annotated[Optional[str], Opt("--base-model", help="Hub id of the source, for the model card")] = None,
-    overwrite: Annotated[bool, Opt(help="Replace OUT if it exists")] = False,
-    dry_run: Annotated[bool, Opt("--dry-run", help="Print the plan and write nothing")] = False,
+    estimator: EstimatorOpt = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = None,
+    max_shard_size: ShardSizeOpt = "5GB",
+    config: ConfigOpt = None,
+    base_model: BaseModelOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
     verify: Annotated[bool, Opt(help="Load source and output with transformers and compare logits and loss")] = False,
-    allow_pickle: Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")] = False,
+    allow_pickle: AllowPickleOpt = False,
     allow_nonfinite: Annotated[bool, Opt("--allow-nonfinite", help="Shrink weights with NaN/Inf")] = False,
-    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Shrink a checkpoint in width and/or depth (subclone: keep the most important neurons, heads and blocks)."""
     operator_options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator)
