@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from typing import Any
+from growkit._lazy import lazy_getattr
 
 _LAZY = {
     "grow": "growkit.pipeline",
@@ -19,10 +19,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the public API lazily, so `import growkit` stays cheap (torch and transformers load on first use)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'growkit' has no attribute {name!r}")
+#: Import the public API lazily, so `import growkit` stays cheap (torch and transformers load on first use).
+__getattr__ = lazy_getattr("growkit", _LAZY)

@@ -11,6 +11,8 @@ import sys
 import types
 from typing import Any
 
+from growkit._lazy import lazy_getattr
+
 __all__ = ["train", "fit", "mup_param_groups", "TrainConfig", "TrainResult", "TokenBlocks", "evaluate"]
 
 _LAZY = {
@@ -24,12 +26,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'growkit.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr("growkit.train", _LAZY)
 
 
 class _CallableModule(types.ModuleType):
