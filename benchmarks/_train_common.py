@@ -33,6 +33,19 @@ def stdlib_blocks(tokenizer, seq_len: int = SEQ) -> tuple[TokenBlocks, TokenBloc
     return train, val
 
 
+def prepare_run(args, default_out: Path):
+    """What every training benchmark does first: resolve --out, set --threads, load the bundled tokenizer, cut the
+    stdlib corpus into train/val blocks and make the accelerator. Returns (tokenizer, train, val, accelerator)."""
+    import torch
+    import transformers as T
+
+    args.out = args.out or default_out
+    torch.set_num_threads(args.threads)
+    tok = T.AutoTokenizer.from_pretrained(REPO / "models" / "tokenizer")
+    train_blocks, val_blocks = stdlib_blocks(tok)
+    return tok, train_blocks, val_blocks, make_accelerator()
+
+
 def flops_per_token(config, seq_len: int = SEQ) -> float:
     """Training FLOPs per token, 6 N + 6 L T d (Kaplan et al.): N counts every matrix a token passes through,
     including the LM head and excluding the embedding lookups; the second term is attention scores and mixing."""

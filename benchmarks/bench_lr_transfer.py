@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from _train_common import REPO, fmt, make_accelerator, run, save_json, stdlib_blocks
+from _train_common import REPO, fmt, prepare_run, run, save_json
 
 NOISE_DB = 10.0
 
@@ -84,14 +84,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/lr-transfer-<archs>]")
     args = ap.parse_args()
     default_out = REPO / "benchmarks" / "results" / f"lr-transfer-{'-'.join(args.arch)}"
-    args.out = args.out or default_out
-    torch.set_num_threads(args.threads)
-    import transformers as T
-
     t0 = time.time()
-    tok = T.AutoTokenizer.from_pretrained(REPO / "models" / "tokenizer")
-    train_blocks, val_blocks = stdlib_blocks(tok)
-    acc = make_accelerator()
+    _, train_blocks, val_blocks, acc = prepare_run(args, default_out)
     results = [sweep(a, args, acc, train_blocks, val_blocks) for a in args.arch]
     cmd = (f"python benchmarks/bench_lr_transfer.py --arch {' '.join(args.arch)} --steps {args.steps} "
            f"--lrs {' '.join(f'{x:g}' for x in args.lrs)} --batch {args.batch} --seed {args.seed} --threads {args.threads}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _train_common import REPO, SEQ, flops_per_token, fmt, make_accelerator, run, save_json, stdlib_blocks
+from _train_common import REPO, SEQ, flops_per_token, fmt, prepare_run, run, save_json
 
 RESULTS = REPO / "benchmarks" / "results"
 NOISE_DB = 10.0  # symmetric noise at 10 dB below the weight std (0.32 x std), DESIGN.md section 2
@@ -191,14 +191,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/speedup-<archs>]")
     args = ap.parse_args()
     default_out = RESULTS / f"speedup-{'-'.join(args.arch)}"
-    args.out = args.out or default_out
-    torch.set_num_threads(args.threads)
-    import transformers as T
-
     t0 = time.time()
-    tok = T.AutoTokenizer.from_pretrained(REPO / "models" / "tokenizer")
-    train_blocks, val_blocks = stdlib_blocks(tok)
-    acc = make_accelerator()
+    tok, train_blocks, val_blocks, acc = prepare_run(args, default_out)
     results = [bench_family(a, args, acc, tok, train_blocks, val_blocks) for a in args.arch]
     cmd = "python benchmarks/bench_speedup.py " + " ".join(
         [f"--arch {' '.join(args.arch)}", f"--steps {args.steps}", f"--small-steps {args.small_steps}",
