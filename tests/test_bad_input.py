@@ -44,6 +44,15 @@ def _copy(src: Path, root: Path, name: str) -> Path:
     return dst
 
 
+def _copy_with_config(src: Path, root: Path, name: str, **changes: object) -> Path:
+    """A copy of checkpoint `src` whose config.json has `changes` applied."""
+    dst = _copy(src, root, name)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 def _edit_header(path: Path, edit: Callable[[dict], None]) -> None:
     header, data = read_safetensors(path)
     edit(header)
@@ -129,37 +138,25 @@ def config_inference_incomplete(root: Path, gpt2: Path, llama: Path) -> Case:
 
 
 def config_tensor_size_disagreement(root: Path, gpt2: Path, llama: Path) -> Case:
-    src = _copy(gpt2, root, "config-hidden")
-    config = json.loads((src / "config.json").read_text())
-    config["n_embd"] = 48  # the tensors are 32 wide
-    (src / "config.json").write_text(json.dumps(config))
+    src = _copy_with_config(gpt2, root, "config-hidden", n_embd=48)  # the tensors are 32 wide
     return Case(["grow", src, "-o", root / "out-config-hidden", "--width", "2x"], root / "out-config-hidden",
                 [src, "transformer.wte.weight has shape [101, 32], but the config implies [101, 48]"])
 
 
 def config_layer_disagreement(root: Path, gpt2: Path, llama: Path) -> Case:
-    src = _copy(gpt2, root, "config-layers")
-    config = json.loads((src / "config.json").read_text())
-    config["n_layer"] = 1  # the file has two layers
-    (src / "config.json").write_text(json.dumps(config))
+    src = _copy_with_config(gpt2, root, "config-layers", n_layer=1)  # the file has two layers
     return Case(["grow", src, "-o", root / "out-config-layers", "--width", "2x"], root / "out-config-layers",
                 [src, "unexpected tensor transformer.h.1."])
 
 
 def malformed_config_field(root: Path, gpt2: Path, llama: Path) -> Case:
-    src = _copy(gpt2, root, "config-string")
-    config = json.loads((src / "config.json").read_text())
-    config["n_head"] = "four"
-    (src / "config.json").write_text(json.dumps(config))
+    src = _copy_with_config(gpt2, root, "config-string", n_head="four")
     return Case(["grow", src, "-o", root / "out-config-string", "--width", "2x"], root / "out-config-string",
                 [src, "config has a malformed field", "'four'"])
 
 
 def unknown_model_type(root: Path, gpt2: Path, llama: Path) -> Case:
-    src = _copy(gpt2, root, "bert")
-    config = json.loads((src / "config.json").read_text())
-    config["model_type"] = "bert"
-    (src / "config.json").write_text(json.dumps(config))
+    src = _copy_with_config(gpt2, root, "bert", model_type="bert")
     return Case(["grow", src, "-o", root / "out-bert", "--width", "2x"], root / "out-bert",
                 [src, "unsupported model_type 'bert'", "supported: gpt2, llama"])
 
