@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from growkit.arch.registry import family_for
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 
@@ -18,13 +19,16 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Any:
 
     config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k != "transformers_version"})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {name: ckpt.get(name) for name in ckpt.names()}
+    family = family_for(ckpt.config, ckpt.source)
+    tied = {"lm_head.weight"} if family.tied(ckpt.config) else set()
+    # With a tied head the embedding is the head: a stale lm_head.weight in the state must not overwrite it.
+    state = {name: ckpt.get(name) for name in ckpt.names() if name not in tied}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     buffers = {n for n, _ in model.named_buffers()}
-    if set(missing) - tied or set(unexpected) - buffers - {n for n in unexpected if n.endswith((".attn.bias", ".attn.masked_bias", "inv_freq"))}:
+    stray = {n for n in unexpected if n not in buffers and not n.endswith(family.ignorable)}
+    if set(missing) - tied or stray:
         raise GrowkitError(f"{ckpt.source}: weights do not fit the config (missing {sorted(missing)[:3]}, "
-                           f"unexpected {sorted(unexpected)[:3]})")
+                           f"unexpected {sorted(stray)[:3]})")
     model.tie_weights()
     return model.eval()
 
