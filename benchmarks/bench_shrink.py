@@ -4,8 +4,11 @@
 
 1. Train a source model per family (GPT-2 and a GQA Llama, d 128, 4 layers) on the stdlib train split.
 2. Shrink it with `growkit.shrink`: 0.5x width (d 64, same depth) and 0.5x width with 2 of 4 layers; methods
-   subclone (activation importance on calibration text from the *train* split, each rescale mode), subclone without
-   calibration (weight-norm importance), select (evenly strided), and random initialisation of the same config.
+   subclone (activation importance on calibration text from the *train* split; the default `rescale auto`, which
+   keeps the candidate with the lowest loss on held-out calibration tokens, and the fixed modes fanin / norm / none
+   for comparison), subclone without calibration (weight-norm importance), select (evenly strided), and random
+   initialisation of the same config. For `rescale auto`, every candidate's held-out calibration loss (what auto
+   chose by) beside its validation loss (each candidate shrunk with that fixed mode).
 3. Validation loss right after shrinking, and after a short training run (same steps, same seeded data order, same
    schedule for every row; two learning rates, because a random init wants a larger one than an inherited one).
 4. Activation scales right after shrinking (0.5x width only): RMS of the residual stream and of the logits, shrunk
@@ -73,6 +76,19 @@ def train_copy(path: Path | None, make_random, train_ids, val_ids, steps: int, l
     return train(model, train_ids, val_ids, steps, lr, seed)
 
 
+def candidates(src_dir: Path, out: Path, size: dict, calib: Path, val_ids: torch.Tensor, seed: int,
+               heldout: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each rescale candidate of `auto`: its held-out calibration loss (as auto recorded it) and its validation loss
+    (shrunk again with that fixed mode)."""
+    rows = {}
+    for mode, loss in heldout.items():
+        growkit.shrink(src_dir, out, seed=seed, quiet=True, overwrite=True, method="subclone", calibration=[calib],
+                       rescale=mode, **size)
+        rows[mode] = {"heldout_calibration_loss": loss, "val_loss": evaluate(load(out), val_ids)}
+    shutil.rmtree(out)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/growkit-bench-shrink"))
@@ -118,13 +134,14 @@ def main() -> None:
 
         targets = {"0.5x width": dict(width="0.5x"), "0.5x width, 2 of 4 layers": dict(width="0.5x", layers=2)}
         variants = {
-            "subclone (default: rescale fanin)": dict(method="subclone", calibration=[calib]),
+            "subclone (default: rescale auto)": dict(method="subclone", calibration=[calib]),
+            "subclone, rescale fanin": dict(method="subclone", calibration=[calib], rescale="fanin"),
             "subclone, rescale norm": dict(method="subclone", calibration=[calib], rescale="norm"),
             "subclone, rescale none": dict(method="subclone", calibration=[calib], rescale="none"),
             "subclone, no calibration": dict(method="subclone"),
             "select": dict(method="select"),
         }
-        main_row = "subclone (default: rescale fanin)"
+        main_row = "subclone (default: rescale auto)"
         trained_rows = (main_row, "select", "random init")
         for tname, size in targets.items():
             rows: dict = {}
@@ -132,10 +149,14 @@ def main() -> None:
             for vname, opts in variants.items():
                 out = work / f"{family}-{'depth' if 'layers' in size else 'width'}-{len(rows)}"
                 t1 = time.time()
-                growkit.shrink(src_dir, out, seed=args.seed, quiet=True, **size, **opts)
+                done = growkit.shrink(src_dir, out, seed=args.seed, quiet=True, **size, **opts)
                 secs = time.time() - t1
                 model = load(out)
                 row = {"val_loss": evaluate(model, val_ids), "shrink_seconds": round(secs, 1), "dir": str(out)}
+                if "rescale_losses" in done.provenance["options"]:
+                    row["rescale_chosen"] = done.provenance["options"]["rescale_chosen"]
+                    row["candidates"] = candidates(src_dir, work / "candidate", size, calib, val_ids, args.seed,
+                                                   done.provenance["options"]["rescale_losses"])
                 if "layers" not in size:
                     ckpt = load_checkpoint(src_dir)
                     oo = shrink_options(opts["method"], opts.get("calibration"), None, None, opts.get("rescale"))
@@ -199,7 +220,15 @@ def tables(results: dict, lrs: list[float], args: argparse.Namespace) -> str:
                 trained = " | ".join(f"{row['trained'][str(lr)]:.4f}" if "trained" in row else "" for lr in lrs)
                 sc = row.get("scales")
                 scs = (f"{sc['stream']:.2f} | {sc['final_norm']:.2f} | {sc['logits']:.2f}" if sc else " | | ")
-                out.append(f"| {vname} | {row['val_loss']:.4f} | {trained} | {scs} |")
+                chosen = f" → {row['rescale_chosen']}" if "rescale_chosen" in row else ""
+                out.append(f"| {vname}{chosen} | {row['val_loss']:.4f} | {trained} | {scs} |")
+            for vname, row in rows.items():
+                if isinstance(row, dict) and "candidates" in row:
+                    out.append(f"\n{tname}, {vname} candidates (chosen: {row['rescale_chosen']})\n")
+                    out.append("| rescale | held-out calibration loss | val loss |")
+                    out.append("|---|---|---|")
+                    for mode, c in row["candidates"].items():
+                        out.append(f"| {mode} | {c['heldout_calibration_loss']:.4f} | {c['val_loss']:.4f} |")
         out.append("\nRound trip (shrink 0.5x, then clone 2x):\n")
         out.append("| shrink method | original val loss | round-trip val loss | max abs dlogits regrown vs shrunk |")
         out.append("|---|---|---|---|")

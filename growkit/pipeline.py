@@ -167,6 +167,14 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
                            "depth growth would change the function")
     check_tensors(ckpt, family, specs, source)
     maps = operator.build_maps(ckpt, family, specs, plan, seed)
+    return growth_with_maps(ckpt, family, specs, plan, operator, maps, seed, noise_snr_db)
+
+
+def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
+                     operator: Operator, maps: GrowthMaps, seed: int = 0,
+                     noise_snr_db: float | None = None) -> Growth:
+    """The growth that a set of axis maps makes: the new config and the apply options (an operator that tries
+    several candidate maps, such as subclone's `rescale="auto"`, builds each candidate through this)."""
     with config_errors(ckpt.source):
         config = family.rewrite_config(ckpt.config, plan.target, maps.layer_src)
         ratio = maps.hidden.stream_energy_ratio()
@@ -327,13 +335,18 @@ def grow_model(model: Any, *, width: str | float | None = None, hidden: int | No
                seed: int = 0, direction: Direction = "grow",
                operator_options: Mapping[str, Any] | None = None) -> Any:
     """A new `transformers` model grown from `model` in memory (fp32), for training pipelines."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = model.config.to_dict()
     ckpt = StateDictCheckpoint(model.state_dict(), config)
     growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                          method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,
                          direction=direction, operator_options=operator_options)
+    return grown_model(growth).to(next(model.parameters()).device)
+
+
+def grown_model(growth: Growth) -> Any:
+    """The grown model as a `transformers` model in memory (fp32, on the CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     with single_threaded():
         state = {entry.name: tensor for entry, tensor in grown_tensors(growth, torch.float32)}
     new_config = AutoConfig.for_model(**{k: v for k, v in growth.config.items() if k != "transformers_version"})
@@ -343,4 +356,4 @@ def grow_model(model: Any, *, width: str | float | None = None, hidden: int | No
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"grown state dict does not fit the model: missing {missing}, unexpected {unexpected}")
     new_model.tie_weights()
-    return new_model.to(next(model.parameters()).device)
+    return new_model

@@ -18,7 +18,7 @@ from growkit.grow_command import (
     AllowPickleOpt, BaseModelOpt, ConfigOpt, DryRunOpt, DtypeOpt, EstimatorOpt, FfnOpt, HeadsOpt, HiddenOpt,
     KvHeadsOpt, OverwriteOpt, QuietOpt, SeedOpt, ShardSizeOpt, SrcArg, run_resize,
 )
-from growkit.operators.shrink import DEFAULT_RESCALE, RESCALE_MODES
+from growkit.operators.shrink import FANIN_SITES, RESCALE_CHOICES, default_rescale
 from growkit.pipeline import GrowResult, grow
 
 Opt = typer.Option
@@ -51,7 +51,7 @@ def shrink_options(method: str, calibration: list[str | Path] | str | Path | Non
     options: dict[str, Any] = {**dict(extra or {}), **given}
     if method == "subclone":
         options.setdefault("importance", "activations" if given.get("calibration") else "weights")
-        options.setdefault("rescale", DEFAULT_RESCALE)
+        options.setdefault("rescale", default_rescale(bool(given.get("calibration") or options.get("calibration"))))
     return options
 
 
@@ -68,7 +68,10 @@ def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float
     """Shrink the checkpoint at `src` into a new checkpoint directory (default `SRC-shrunk` beside it).
 
     `calibration`: text files for activation importance (subclone); without them subclone ranks by weight norms.
-    `rescale`: subclone's scale correction, "none" | "norm" | "fanin" (see `growkit.operators.shrink.Subclone`).
+    `rescale`: subclone's scale correction, "auto" | "none" | "norm" | "fanin" | "fanin:SITES"; the default is
+    "auto" with calibration text (every fixed mode is built and the one with the lowest loss on held-out calibration
+    tokens is kept; the choice and the losses go into growkit.json) and "fanin" without (see
+    `growkit.operators.shrink.Subclone`).
     `estimator`: rc-sample's fitted measure (where that operator is installed).
     """
     options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator, operator_options)
@@ -94,7 +97,9 @@ def shrink_command(
     tokenizer: Annotated[Optional[Path], Opt(help="subclone: tokenizer directory (default: the checkpoint's)")] = None,
     calibration_tokens: Annotated[Optional[int], Opt("--calibration-tokens",
                                                      help="subclone: calibration tokens to use (default 8192)")] = None,
-    rescale: Annotated[Optional[str], Opt(help=f"subclone: {' | '.join(RESCALE_MODES)} (default {DEFAULT_RESCALE})")] = None,
+    rescale: Annotated[Optional[str], Opt(help=f"subclone: {' | '.join(RESCALE_CHOICES)}, SITES a +-joined subset of "
+                                          f"{', '.join(FANIN_SITES)} (default: auto with --calibration, the mode "
+                                          "with the lowest loss on held-out calibration tokens; fanin without)")] = None,
     estimator: EstimatorOpt = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,

@@ -60,6 +60,18 @@ def compare(model_a: Any, model_b: Any, tokens: torch.Tensor) -> dict[str, float
     }
 
 
+@torch.no_grad()
+def next_token_loss(model: Any, tokens: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss over every predicted token of `tokens` [n, len] (batched; the same number as one
+    `model(input_ids=tokens, labels=tokens).loss`)."""
+    total, count = 0.0, 0
+    for batch in tokens.split(batch_size):
+        predicted = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(model(input_ids=batch, labels=batch).loss) * predicted
+        count += predicted
+    return total / count
+
+
 def text_tokens(directory: Path, length: int) -> torch.Tensor | None:
     """Real text for the check, when the checkpoint has a tokenizer: the start of the stdlib's `textwrap.py`
     (present wherever Python is), so the loss means something."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -163,6 +164,59 @@ def test_rescale_norm_restores_the_normalised_stream_scale(tmp_path, calib):
     assert abs(ratios["norm"] - 1) < 0.01 and abs(ratios["norm"] - 1) < abs(ratios["none"] - 1) / 3, ratios
 
 
+def _calibration_ids(calib: Path, tokenizer_dir: Path) -> list[int]:
+    """The calibration file tokenized independently of growkit: its ids, then EOS."""
+    tok = T.AutoTokenizer.from_pretrained(tokenizer_dir)
+    return tok(calib.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def _loss(directory: Path, ids: torch.Tensor) -> float:
+    model = T.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("src", [TINY_LLAMA, TINY_GPT2])
+def test_rescale_auto_keeps_the_mode_with_the_lowest_held_out_calibration_loss(tmp_path, calib, src, capfd):
+    """Auto ranks on the first 2048 calibration tokens and scores every candidate on the next 1024; each fixed
+    mode, written to disk by `shrink` and loaded with transformers, has the loss auto recorded for it on those
+    tokens, and auto's output is exactly the fixed mode with the lowest one."""
+    from growkit.operators.shrink import RESCALE_CANDIDATES
+
+    common = dict(width="0.5x", calibration=[calib], calibration_tokens=2048, quiet=True)
+    auto = shrink(src, tmp_path / "auto", operator_options=dict(heldout_tokens=1024), **common)
+    options = auto.provenance["options"]
+    assert options["rescale"] == "auto" and options["rescale_heldout_tokens"] == 1024
+    assert f"subclone rescale auto: {options['rescale_chosen']}" in capfd.readouterr().err
+    ids = torch.tensor(_calibration_ids(calib, src)[2048: 2048 + 1024]).view(4, 256)  # positions 256
+    losses = {mode: _loss(shrink(src, tmp_path / mode.replace(":", "-"), rescale=mode, **common).out_dir, ids)
+              for mode in RESCALE_CANDIDATES}
+    assert options["rescale_losses"] == pytest.approx(losses, abs=1e-4)
+    assert options["rescale_chosen"] == min(losses, key=losses.__getitem__)
+    assert max(losses.values()) - min(losses.values()) > 0.05, losses  # the choice matters
+    chosen = load_checkpoint(tmp_path / options["rescale_chosen"].replace(":", "-"))
+    out = load_checkpoint(auto.out_dir)
+    assert all(torch.equal(out.get(n), chosen.get(n)) for n in chosen.names())
+    card = (auto.out_dir / "README.md").read_text()
+    assert f"rescale_chosen: {options['rescale_chosen']}" in card and "rescale_losses" in card
+    fixed = json.loads((tmp_path / "fanin" / "growkit.json").read_text())["options"]
+    assert fixed["rescale"] == "fanin" and "rescale_chosen" not in fixed  # a fixed mode records only itself
+
+
+def test_rescale_auto_holds_out_the_last_quarter_of_short_text(tmp_path, calib, capfd):
+    n = len(_calibration_ids(calib, TINY_GPT2))  # fewer than 8192 + 2048 (the defaults)
+    result = shrink(TINY_GPT2, tmp_path / "out", width="0.5x", calibration=[calib], quiet=True)
+    assert result.provenance["options"]["rescale_heldout_tokens"] == (n // 4) // 256 * 256  # whole blocks of 256
+    assert f"ranks on the first {n - n // 4} and measures the modes on the last {n // 4}" in capfd.readouterr().err
+
+
+def test_rescale_defaults_and_depth_only_shrink(tiny, tmp_path, calib):
+    """Without calibration text the default stays fanin; removing blocks only leaves nothing to rescale."""
+    assert shrink(tiny("gpt2"), tmp_path / "w", width="0.5x", quiet=True).provenance["options"]["rescale"] == "fanin"
+    options = shrink(TINY_LLAMA, tmp_path / "d", layers=1, calibration=[calib], quiet=True).provenance["options"]
+    assert (options["rescale"], options["rescale_chosen"]) == ("auto", "none") and "rescale_losses" not in options
+
+
 def test_subclone_grows_by_ranked_duplication(tiny, tmp_path):
     # 2x: every neuron exactly twice, so the function is preserved exactly, like clone
     result = grow(tiny("llama-tied"), tmp_path / "x2", width="2x", method="subclone", verify=True, quiet=True)
@@ -189,7 +243,9 @@ def test_subclone_grows_by_ranked_duplication(tiny, tmp_path):
     ("gpt2", dict(width="0.5x", method="clone"), "--method clone cannot shrink a model"),
     ("gpt2", dict(width="0.5x", method="select", calibration=["x.txt"]), "--method select does not use --calibration (only subclone does)"),
     ("gpt2", dict(width="0.5x", calibration=["/nonexistent/calib.txt"]), "calibration file not found"),
-    ("gpt2", dict(width="0.5x", rescale="both"), "rescale must be one of"),
+    ("gpt2", dict(width="0.5x", rescale="both"), "rescale must be one of auto, none, norm, fanin, fanin:SITES"),
+    ("gpt2", dict(width="0.5x", rescale="fanin:ffn+heads"), "subset of stream, ffn, attn), got 'fanin:ffn+heads'"),
+    ("gpt2", dict(width="0.5x", rescale="auto"), "rescale auto picks the mode by its loss on held-out calibration"),
 ])
 def test_bad_requests_fail_clearly(tiny, tmp_path, family, request_, message):
     with pytest.raises(GrowkitError, match=re.escape(message)):

@@ -145,9 +145,9 @@ def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, p
                       head_energy=[h**2 for h in heads])
 
 
-def calibration_tokens(files: Sequence[str | Path], tokenizer_dir: str | Path | None, seq_len: int,
-                       max_tokens: int) -> torch.Tensor:
-    """The calibration text, tokenized with the checkpoint's own tokenizer, as [n, seq_len] blocks (in file order)."""
+def calibration_ids(files: Sequence[str | Path], tokenizer_dir: str | Path | None, max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` ids of the calibration text (files in order, each followed by EOS), tokenized with the
+    checkpoint's own tokenizer."""
     from transformers import AutoTokenizer
 
     if tokenizer_dir is None or not any(any(Path(tokenizer_dir).glob(p)) for p in _TOKENIZER_FILES):
@@ -173,10 +173,15 @@ def calibration_tokens(files: Sequence[str | Path], tokenizer_dir: str | Path | 
     ids = ids[:max_tokens]
     if len(ids) < 2:
         raise GrowkitError(f"calibration text {', '.join(map(str, files))} gives {len(ids)} tokens; need at least 2")
+    return torch.tensor(ids)
+
+
+def token_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """1-D ids as [n, seq_len] blocks (the remainder dropped); fewer than `seq_len` ids make one shorter block."""
     if len(ids) < seq_len:
-        return torch.tensor(ids).unsqueeze(0)
+        return ids.unsqueeze(0)
     n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def _heads_view(w: torch.Tensor, spec: TensorSpec, sizes: Sizes) -> torch.Tensor:

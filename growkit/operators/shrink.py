@@ -7,26 +7,38 @@ original order, the same on every tensor of the axis, so every reader and writer
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from growkit.arch.spec import HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.arch.spec import FFN, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps
 from growkit.operators.base import Operator
 from growkit.operators.depth import depth_map
 from growkit.operators.importance import (
-    Importance, ModelParts, activation_importance, calibration_tokens, weight_importance,
+    Importance, ModelParts, activation_importance, calibration_ids, token_blocks, weight_importance,
 )
 from growkit.plan import GrowthPlan
 
+#: Where "fanin" rescales a reader's kept fan-in: the residual stream (once), each FFN, each attention output.
+FANIN_SITES = ("stream", "ffn", "attn")
 RESCALE_MODES = ("none", "norm", "fanin")
-DEFAULT_RESCALE = "fanin"  # lowest loss right after a 0.5x width shrink in benchmarks/bench_shrink.py
+#: Every fixed rescale: "none", "norm" (norm gains only), and the norm gains with fan-in at a subset of the sites
+#: ("fanin:stream+ffn"; "fanin" is all three). rescale="auto" tries each and keeps the one with the lowest loss.
+RESCALE_CANDIDATES = ("none", "norm", *(f"fanin:{'+'.join(c)}" for k in (1, 2)
+                                        for c in itertools.combinations(FANIN_SITES, k)), "fanin")
+#: What `rescale` accepts: a fixed mode (one of the candidates), or "auto" (the candidate whose shrunk model has the
+#: lowest loss on held-out calibration tokens; the default when calibration text is given).
+RESCALE_CHOICES = ("auto", *RESCALE_MODES, "fanin:SITES")
+#: Without calibration text: lowest loss right after a 0.5x width shrink in benchmarks/bench_shrink.py.
+FALLBACK_RESCALE = "fanin"
 IMPORTANCE_SOURCES = ("activations", "weights")
 
 
@@ -47,6 +59,24 @@ def ranked_fill(score: torch.Tensor, new: int) -> torch.Tensor:
     order = torch.sort(-score.double(), stable=True).indices
     extra = order.repeat(math.ceil(max(new - old, 0) / old))[: new - old]
     return torch.cat([torch.arange(old), extra])
+
+
+def default_rescale(calibrated: bool) -> str:
+    """"auto" when there is calibration text to measure the candidates on, else the fixed fallback."""
+    return "auto" if calibrated else FALLBACK_RESCALE
+
+
+def fanin_sites(rescale: str) -> frozenset[str] | None:
+    """The fan-in sites a rescale mode corrects (None: not even the norm gains); a GrowkitError for a bad mode."""
+    if rescale == "none":
+        return None
+    if rescale in ("norm", "fanin"):
+        return frozenset(() if rescale == "norm" else FANIN_SITES)
+    sites = rescale.removeprefix("fanin:").split("+")
+    if not rescale.startswith("fanin:") or not set(sites) <= set(FANIN_SITES) or len(set(sites)) != len(sites):
+        raise GrowkitError(f"subclone: rescale must be one of {', '.join(RESCALE_CHOICES)} (SITES: a +-joined "
+                           f"subset of {', '.join(FANIN_SITES)}), got {rescale!r}")
+    return frozenset(sites)
 
 
 def _check_shrink(plan: GrowthPlan, name: str) -> None:
@@ -89,36 +119,59 @@ class Subclone(Operator):
     gain by the measured ratio of the norm's statistic over the kept coordinates to that over all, so the kept
     coordinates of every normalised stream keep their source scale; "fanin" does that and also multiplies each
     reader's kept fan-in by sqrt(source energy / kept energy) (per FFN, per attention output, and once for the
-    residual stream), so the readers' outputs keep their source scale. "fanin" is the default: it gave the lowest
-    loss right after a 0.5x width shrink on both trained sources in benchmarks/bench_shrink.py (see RESULTS.md).
-    Without calibration there are no norm statistics, so the gain correction is skipped and "fanin" uses the
-    weight-norm scores squared as energies.
+    residual stream), so the readers' outputs keep their source scale; "fanin:SITES" applies the fan-in factor at
+    some of those sites only (e.g. "fanin:stream+ffn"). No fixed mode wins everywhere (benchmarks/RESULTS.md), so
+    the default with calibration text is "auto": the shrunk model is built in memory for every candidate in
+    `RESCALE_CANDIDATES` (one alive at a time, all from the one importance measurement) and the one with the lowest
+    next-token loss on held-out calibration tokens is kept. Those are the `heldout_tokens` tokens that follow the
+    `calibration_tokens` used for ranking, so ranking never sees them (if the text ends sooner, its last quarter, at
+    most `heldout_tokens`, is held out and the rest ranks). The choice and every candidate's loss are printed and
+    recorded in the provenance. Without calibration there are no norm statistics and nothing to measure on: the
+    gain correction is skipped and the default is "fanin", with the weight-norm scores squared as energies.
     """
 
     name = "subclone"
     directions = ("grow", "shrink")
 
     def __init__(self, calibration: Sequence[str | Path] | str | None = None, tokenizer: str | Path | None = None,
-                 calibration_tokens: int = 8192, seq_len: int = 256, rescale: str = DEFAULT_RESCALE,
-                 importance: str | None = None) -> None:
+                 calibration_tokens: int = 8192, seq_len: int = 256, rescale: str | None = None,
+                 importance: str | None = None, heldout_tokens: int = 2048) -> None:
         if isinstance(calibration, (str, Path)):
             calibration = [calibration]
         self.calibration = [str(c) for c in calibration or []]
         self.tokenizer = tokenizer
         self.calibration_tokens = int(calibration_tokens)
+        self.heldout_tokens = int(heldout_tokens)
         self.seq_len = int(seq_len)
-        if rescale not in RESCALE_MODES:
-            raise GrowkitError(f"subclone: rescale must be one of {', '.join(RESCALE_MODES)}, got {rescale!r}")
-        self.rescale = rescale
+        self.rescale = rescale if rescale is not None else default_rescale(bool(self.calibration))
+        if self.rescale == "auto" and not self.calibration:
+            raise GrowkitError("subclone: rescale auto picks the mode by its loss on held-out calibration text; pass "
+                               f"--calibration FILES or a fixed mode ({', '.join(RESCALE_MODES)})")
+        if self.rescale != "auto":
+            fanin_sites(self.rescale)  # a bad mode fails here, before any tensor is read
         self.importance_source = importance or ("activations" if self.calibration else "weights")
         if self.importance_source not in IMPORTANCE_SOURCES:
             raise GrowkitError(f"subclone: importance must be one of {', '.join(IMPORTANCE_SOURCES)}")
         if self.importance_source == "activations" and not self.calibration:
             raise GrowkitError("subclone: activation importance needs calibration text (--calibration FILES)")
-        if self.calibration_tokens < 2 or self.seq_len < 2:
-            raise GrowkitError("subclone: calibration_tokens and seq_len must be at least 2")
+        if self.calibration_tokens < 2 or self.seq_len < 2 or self.heldout_tokens < 2:
+            raise GrowkitError("subclone: calibration_tokens, heldout_tokens and seq_len must be at least 2")
         self.scores: Importance | None = None
         self._norm_gain: dict[str, float] = {}
+        #: rescale="auto" when shrinking: the held-out blocks, each mode's loss on them, and the mode kept
+        self.heldout: torch.Tensor | None = None
+        self.rescale_losses: dict[str, float] = {}
+        self.rescale_chosen: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The rescale mode asked for; with "auto", the one kept and every candidate's held-out loss."""
+        settings: dict[str, Any] = {"rescale": self.rescale}
+        if self.rescale_chosen is not None:
+            settings["rescale_chosen"] = self.rescale_chosen
+        if self.rescale_losses and self.heldout is not None:
+            settings["rescale_losses"] = {m: round(v, 6) for m, v in self.rescale_losses.items()}
+            settings["rescale_heldout_tokens"] = int(self.heldout.numel())
+        return settings
 
     def check(self, plan: GrowthPlan) -> None:
         super().check(plan)
@@ -144,16 +197,68 @@ class Subclone(Operator):
                                     generator=gen)
                 imp.blocks = activation_importance(ckpt, specs, plan.source, parts, ids).blocks
             return imp
+        return activation_importance(ckpt, specs, plan.source, parts, self.calibration_blocks(ckpt, plan))
+
+    def calibration_blocks(self, ckpt: Checkpoint, plan: GrowthPlan) -> torch.Tensor:
+        """The ranking tokens as [n, seq_len] blocks; with rescale="auto" (shrinking) also sets `self.heldout`, the
+        tokens after them, which ranking never sees."""
+        seq_len = min(self.seq_len, plan.source.positions or self.seq_len)
+        auto = self.rescale == "auto" and plan.direction == "shrink"
         tokenizer = self.tokenizer if self.tokenizer is not None else ckpt.root
-        tokens = calibration_tokens(self.calibration, tokenizer, seq_len, self.calibration_tokens)
-        if int(tokens.max()) >= plan.source.vocab:
-            raise GrowkitError(f"calibration: tokenizer {tokenizer} gives token id {int(tokens.max())}, beyond the "
+        ids = calibration_ids(self.calibration, tokenizer, self.calibration_tokens + (self.heldout_tokens if auto else 0))
+        if int(ids.max()) >= plan.source.vocab:
+            raise GrowkitError(f"calibration: tokenizer {tokenizer} gives token id {int(ids.max())}, beyond the "
                                f"model's vocabulary of {plan.source.vocab}")
-        return activation_importance(ckpt, specs, plan.source, parts, tokens)
+        if not auto:
+            return token_blocks(ids, seq_len)
+        held = self.heldout_tokens
+        if len(ids) < self.calibration_tokens + held:
+            held = min(held, len(ids) // 4)
+            if held < 2:
+                raise GrowkitError(f"calibration text gives {len(ids)} tokens; rescale auto needs at least 8 "
+                                   "(pass more text or a fixed --rescale mode)")
+            print(f"growkit: note: the calibration text gives {len(ids)} tokens, fewer than calibration_tokens + "
+                  f"heldout_tokens = {self.calibration_tokens + self.heldout_tokens}; rescale auto ranks on the first "
+                  f"{len(ids) - held} and measures the modes on the last {held}", file=sys.stderr)
+        rank = ids[: min(self.calibration_tokens, len(ids) - held)]
+        self.heldout = token_blocks(ids[len(rank): len(rank) + held], seq_len)
+        return token_blocks(rank, seq_len)
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps:
         imp = self.scores = self.measure(ckpt, family, specs, plan, seed)
+        mode = self.rescale
+        if mode == "auto" and plan.direction == "shrink":
+            mode = self.choose_rescale(imp, ckpt, family, specs, plan, seed)
+        return self.rescaled_maps(imp, plan, mode)
+
+    def choose_rescale(self, imp: Importance, ckpt: Checkpoint, family: Family, specs: list[TensorSpec],
+                       plan: GrowthPlan, seed: int) -> str:
+        """Build the shrunk model for each rescale mode in memory (one alive at a time; the importance scores are
+        measured once and shared) and keep the mode with the lowest loss on the held-out calibration tokens."""
+        from growkit.pipeline import grown_model, growth_with_maps  # the pipeline imports the operators
+        from growkit.verify import next_token_loss
+
+        if all(plan.target.axis(a) == plan.source.axis(a) for a in (HIDDEN, FFN, KV_HEADS, QGROUP)):
+            self.rescale_chosen = "none"  # only blocks are removed: every candidate is the same model
+            return self.rescale_chosen
+        if self.heldout is None:  # importance="weights" with calibration text: only the held-out tokens are needed
+            self.calibration_blocks(ckpt, plan)
+        assert self.heldout is not None
+        self.rescale_losses = {}
+        for mode in RESCALE_CANDIDATES:
+            maps = self.rescaled_maps(imp, plan, mode)  # sets the norm gains that `adjust` applies
+            model = grown_model(growth_with_maps(ckpt, family, specs, plan, self, maps, seed))
+            self.rescale_losses[mode] = next_token_loss(model.eval(), self.heldout)
+            del model
+        self.rescale_chosen = min(RESCALE_CANDIDATES, key=self.rescale_losses.__getitem__)
+        losses = ", ".join(f"{m} {v:.4f}" for m, v in self.rescale_losses.items())
+        print(f"growkit: subclone rescale auto: {self.rescale_chosen} (loss on {self.heldout.numel()} held-out "
+              f"calibration tokens: {losses})", file=sys.stderr)
+        return self.rescale_chosen
+
+    def rescaled_maps(self, imp: Importance, plan: GrowthPlan, rescale: str) -> GrowthMaps:
+        """The axis maps for one fixed rescale mode (and the norm gains `adjust` applies with them)."""
         src, tgt = plan.source, plan.target
         identity: set[int] = set()
         if tgt.layers < src.layers:
@@ -161,23 +266,24 @@ class Subclone(Operator):
         else:
             layer_src, identity = depth_map(plan.depth_method, src.layers, tgt.layers)
 
-        fanin = plan.direction == "shrink" and self.rescale == "fanin"
-        hidden = self._map(imp.hidden, tgt.hidden, imp.hidden_energy if fanin else None)
+        sites = fanin_sites(rescale) if plan.direction == "shrink" else None
+        fanin = sites or frozenset()
+        hidden = self._map(imp.hidden, tgt.hidden, imp.hidden_energy if "stream" in fanin else None)
         per_layer: dict[tuple[str, int], AxisMap] = {}
         for new_layer, s in enumerate(layer_src):
-            per_layer[("ffn", new_layer)] = self._map(imp.ffn[s], tgt.ffn, imp.ffn_energy[s] if fanin else None)
+            per_layer[("ffn", new_layer)] = self._map(imp.ffn[s], tgt.ffn, imp.ffn_energy[s] if "ffn" in fanin else None)
             heads, energy = imp.heads[s], imp.head_energy[s]
             kv = self._map(heads.sum(1), tgt.kv_heads, None)
             kept_kv = kv.src if tgt.kv_heads <= src.kv_heads else torch.arange(src.kv_heads)
             qg = self._map(heads[kept_kv].sum(0), tgt.qgroup, None)
-            if fanin and (kv.new < kv.old or qg.new < qg.old):
+            if "attn" in fanin and (kv.new < kv.old or qg.new < qg.old):
                 kept = energy[kv.src][:, qg.src].sum()
                 kv.scale = torch.full((kv.new,), float((energy.sum() / kept.clamp(min=1e-30)).sqrt()))
             per_layer[(KV_HEADS, new_layer)] = kv
             per_layer[(QGROUP, new_layer)] = qg
 
         self._norm_gain = {}
-        if plan.direction == "shrink" and self.rescale in ("norm", "fanin") and tgt.hidden < src.hidden:
+        if sites is not None and tgt.hidden < src.hidden:
             for site, share in imp.norm_share.items():
                 # norm statistic over the kept coordinates / over all = sqrt(kept share * old / new)
                 self._norm_gain[site] = math.sqrt(float(share[hidden.src].sum()) * src.hidden / tgt.hidden)
