@@ -145,7 +145,8 @@ def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, p
                       head_energy=[h**2 for h in heads])
 
 
-def calibration_ids(files: Sequence[str | Path], tokenizer_dir: str | Path | None, max_tokens: int) -> torch.Tensor:
+def calibration_ids(files: Sequence[str | Path], tokenizer_dir: str | Path | None,
+                    max_tokens: int) -> torch.Tensor:
     """The first `max_tokens` ids of the calibration text (files in order, each followed by EOS), tokenized with the
     checkpoint's own tokenizer."""
     from transformers import AutoTokenizer

@@ -205,23 +205,23 @@ class Subclone(Operator):
         seq_len = min(self.seq_len, plan.source.positions or self.seq_len)
         auto = self.rescale == "auto" and plan.direction == "shrink"
         tokenizer = self.tokenizer if self.tokenizer is not None else ckpt.root
-        ids = calibration_ids(self.calibration, tokenizer, self.calibration_tokens + (self.heldout_tokens if auto else 0))
+        budget = self.calibration_tokens + (self.heldout_tokens if auto else 0)
+        ids = calibration_ids(self.calibration, tokenizer, budget)
         if int(ids.max()) >= plan.source.vocab:
             raise GrowkitError(f"calibration: tokenizer {tokenizer} gives token id {int(ids.max())}, beyond the "
                                f"model's vocabulary of {plan.source.vocab}")
         if not auto:
             return token_blocks(ids, seq_len)
-        held = self.heldout_tokens
-        if len(ids) < self.calibration_tokens + held:
-            held = min(held, len(ids) // 4)
-            if held < 2:
-                raise GrowkitError(f"calibration text gives {len(ids)} tokens; rescale auto needs at least 8 "
-                                   "(pass more text or a fixed --rescale mode)")
+        held = self.heldout_tokens if len(ids) == budget else min(self.heldout_tokens, len(ids) // 4)
+        if held < 2:
+            raise GrowkitError(f"calibration text gives {len(ids)} tokens; rescale auto needs at least 8 "
+                               "(pass more text or a fixed --rescale mode)")
+        rank = ids[: len(ids) - held]
+        self.heldout = token_blocks(ids[len(rank):], seq_len)
+        if len(ids) < budget:
             print(f"growkit: note: the calibration text gives {len(ids)} tokens, fewer than calibration_tokens + "
-                  f"heldout_tokens = {self.calibration_tokens + self.heldout_tokens}; rescale auto ranks on the first "
-                  f"{len(ids) - held} and measures the modes on the last {held}", file=sys.stderr)
-        rank = ids[: min(self.calibration_tokens, len(ids) - held)]
-        self.heldout = token_blocks(ids[len(rank): len(rank) + held], seq_len)
+                  f"heldout_tokens = {budget}; rescale auto ranks on the first {len(rank)} and measures the modes "
+                  f"on {self.heldout.numel()} of the last {held}", file=sys.stderr)
         return token_blocks(rank, seq_len)
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
@@ -271,7 +271,8 @@ class Subclone(Operator):
         hidden = self._map(imp.hidden, tgt.hidden, imp.hidden_energy if "stream" in fanin else None)
         per_layer: dict[tuple[str, int], AxisMap] = {}
         for new_layer, s in enumerate(layer_src):
-            per_layer[("ffn", new_layer)] = self._map(imp.ffn[s], tgt.ffn, imp.ffn_energy[s] if "ffn" in fanin else None)
+            ffn_energy = imp.ffn_energy[s] if "ffn" in fanin else None
+            per_layer[("ffn", new_layer)] = self._map(imp.ffn[s], tgt.ffn, ffn_energy)
             heads, energy = imp.heads[s], imp.head_energy[s]
             kv = self._map(heads.sum(1), tgt.kv_heads, None)
             kept_kv = kv.src if tgt.kv_heads <= src.kv_heads else torch.arange(src.kv_heads)
