@@ -213,10 +213,13 @@ def test_rescale_auto_holds_out_the_last_quarter_of_short_text(tmp_path, calib, 
 
 
 def test_rescale_defaults_and_depth_only_shrink(tiny, tmp_path, calib):
-    """Without calibration text the default stays fanin; removing blocks only leaves nothing to rescale."""
+    """Without calibration text the default stays fanin; removing blocks only leaves nothing to rescale; a growth
+    records no rescale."""
     assert shrink(tiny("gpt2"), tmp_path / "w", width="0.5x", quiet=True).provenance["options"]["rescale"] == "fanin"
     options = shrink(TINY_LLAMA, tmp_path / "d", layers=1, calibration=[calib], quiet=True).provenance["options"]
     assert (options["rescale"], options["rescale_chosen"]) == ("auto", "none") and "rescale_losses" not in options
+    grown = grow(tiny("gpt2"), tmp_path / "g", width="2x", method="subclone", quiet=True)  # rescale is shrink-only
+    assert not any(k.startswith("rescale") for k in grown.provenance["options"])
 
 
 def test_subclone_grows_by_ranked_duplication(tiny, tmp_path):

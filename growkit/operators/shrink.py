@@ -162,9 +162,12 @@ class Subclone(Operator):
         self.heldout: torch.Tensor | None = None
         self.rescale_losses: dict[str, float] = {}
         self.rescale_chosen: str | None = None
+        self.shrinking = False  # set by build_maps: rescale means nothing to a growth
 
     def settings(self) -> dict[str, Any]:
-        """The rescale mode asked for; with "auto", the one kept and every candidate's held-out loss."""
+        """The rescale mode asked for (shrinking only); with "auto", the one kept and every candidate's loss."""
+        if not self.shrinking:
+            return {}
         settings: dict[str, Any] = {"rescale": self.rescale}
         if self.rescale_chosen is not None:
             settings["rescale_chosen"] = self.rescale_chosen
@@ -227,8 +230,9 @@ class Subclone(Operator):
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps:
         imp = self.scores = self.measure(ckpt, family, specs, plan, seed)
+        self.shrinking = plan.direction == "shrink"
         mode = self.rescale
-        if mode == "auto" and plan.direction == "shrink":
+        if mode == "auto" and self.shrinking:
             mode = self.choose_rescale(imp, ckpt, family, specs, plan, seed)
         return self.rescaled_maps(imp, plan, mode)
 
