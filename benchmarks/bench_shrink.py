@@ -1,6 +1,6 @@
 """Shrinking benchmark: subclone vs select vs random init of the same size, on held-out stdlib text.
 
-    python benchmarks/bench_shrink.py                 # ~15 min on 2 CPU cores; prints the tables for RESULTS.md
+    python benchmarks/bench_shrink.py --threads 1     # ~25 min on one CPU core; prints the tables for RESULTS.md
 
 1. Train a source model per family (GPT-2 and a GQA Llama, d 128, 4 layers) on the stdlib train split.
 2. Shrink it with `growkit.shrink`: 0.5x width (d 64, same depth) and 0.5x width with 2 of 4 layers; methods
@@ -10,12 +10,13 @@
    initialisation of the same config. For `rescale auto`, every candidate's held-out calibration loss (what auto
    chose by) beside its validation loss (each candidate shrunk with that fixed mode).
 3. Validation loss right after shrinking, and after a short training run (same steps, same seeded data order, same
-   schedule for every row; two learning rates, because a random init wants a larger one than an inherited one).
+   schedule for every row; two learning rates, because a random init wants a larger one than an inherited one) for
+   subclone with calibration (auto and each fixed mode), select and random init.
 4. Activation scales right after shrinking (0.5x width only): RMS of the residual stream and of the logits, shrunk
    over source restricted to the kept coordinates; 1.0 = the source's scale.
 5. Round trip: shrink 0.5x, then `growkit grow --method clone --width 2x`; loss against the original.
 
-Deterministic: fixed seeds, one thread pool of 2, `torch.use_deterministic_algorithms`.
+Deterministic: fixed seeds, a fixed thread count (`--threads`), `torch.use_deterministic_algorithms`.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ def main() -> None:
             "select": dict(method="select"),
         }
         main_row = "subclone (default: rescale auto)"
-        trained_rows = (main_row, "select", "random init")
+        # the fixed rescale modes are trained too: is the lowest loss right after shrinking also the best start?
+        trained_rows = (main_row, "subclone, rescale fanin", "subclone, rescale norm", "subclone, rescale none",
+                        "select", "random init")
         for tname, size in targets.items():
             rows: dict = {}
             first_dir = None
