@@ -20,13 +20,14 @@ they reach scratch's final validation loss. Compute is 6N + 6LTd FLOPs per token
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from _train_common import REPO, SEQ, flops_per_token, fmt, prepare_run, run, save_json
+from _train_common import REPO, SEQ, Curve, flops_per_token, fmt, prepare_run, run, save_json
 
 RESULTS = REPO / "benchmarks" / "results"
 NOISE_DB = (10.0, 0.0)  # symmetric noise at 10 dB below the weight std (0.32 x std) and at the std, DESIGN.md 2
@@ -69,8 +70,15 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
     small_flops = args.small_steps * tokens_per_step * flops_per_token(small.config, SEQ)
     print(f"[{arch}] small model: {args.small_steps} steps -> val loss {small_loss:.4f} "
           f"({small_flops:.3g} FLOPs, {small_curve.seconds:.0f}s)", flush=True)
+    # Control: the small model trained on without growth, under the grown runs' schedule and data. Where it reaches
+    # scratch's loss too, the larger model is not worth its cost at this budget and a speed-up says little.
+    control = run(copy.deepcopy(small), "small, no growth", train_blocks, val_blocks, steps=args.steps, lr=args.lr,
+                  eval_every=args.eval_every, seed=args.seed, accelerator=acc, batch_size=args.batch, **grown_schedule)
+    print(f"[{arch}] control, small model without growth: {control.losses[-1]:.4f} after {control.completed} steps",
+          flush=True)
     result = {"arch": arch, "protocol": args.protocol, "small_val_loss": small_loss, "small_flops": small_flops,
-              "small_steps": args.small_steps,
+              "control": control.as_dict(),
+              "small_steps": args.small_steps, "tokens_per_step": tokens_per_step,
               "small_seconds": round(small_curve.seconds, 1), "small_curve": small_curve.as_dict(), "groups": []}
 
     kinds = {"width": ("width 2x", width_variants(), dict(width=2)),
@@ -132,6 +140,10 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
     return result
 
 
+def small_flops_ratio(res: dict, g: dict) -> float:
+    return g["flops_per_token"] / (res["small_flops"] / (res["small_steps"] * res["tokens_per_step"]))
+
+
 def table(res: dict, steps: int) -> str:
     lines = []
     for g in res["groups"]:
@@ -139,6 +151,14 @@ def table(res: dict, steps: int) -> str:
                      f"val loss {res['small_val_loss']:.4f} after {res['small_steps']} steps; scratch after {steps} steps "
                      f"{g['target']:.4f}"
                      f"{'' if g['target'] < res['small_val_loss'] else ' (does not beat the small model)'}\n")
+        c = res["control"]
+        c_reach = Curve(**{k: c[k] for k in ("label", "steps", "losses")}).first_step_at_or_below(g["target"])
+        lines.append(f"Control, the small model trained on without growth (same schedule and data): "
+                     f"{c['losses'][-1]:.4f} after the {steps}-step budget; "
+                     + (f"it reaches scratch's final loss {c_reach:.0f} steps after the growth point, at "
+                        f"{small_flops_ratio(res, g):.2f}x less compute per step: at this budget scratch's size is not "
+                        "worth its cost and the speed-ups below overstate growth's value.\n"
+                        if c_reach is not None else "it does not reach scratch's final loss.\n"))
         lines.append("| operator | val loss after growth | steps to scratch's final loss | speed-up (large phase) "
                      "| speed-up counting small-model FLOPs | best val loss seen | wall s |")
         lines.append("|---|---|---|---|---|---|---|")
