@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import time
 from pathlib import Path
@@ -163,9 +164,11 @@ def table(res: dict, steps: int) -> str:
                      "| speed-up counting small-model FLOPs | best val loss seen | wall s |")
         lines.append("|---|---|---|---|---|---|---|")
         for r in g["rows"]:
-            reach = fmt(r["steps_to_target"], ".0f") if r["steps_to_target"] is not None else f"not reached in {steps}"
+            budget = steps - res["small_steps"] if res["protocol"] == "continue" else steps
+            reach = fmt(r["steps_to_target"], ".0f") if r["steps_to_target"] is not None else f"not reached in {budget}"
             lines.append(f"| {r['operator']} | {r['loss_after_growth']:.4f} | {reach} | {fmt(r['speedup'], '.2f')}x | "
-                         f"{fmt(r['speedup_with_small'], '.2f')}x | {r['best_loss']:.4f} | {r['seconds']:.0f} |")
+                         f"{fmt(r['speedup_with_small'], '.2f')}x | {r['best_loss']:.4f} | {r['seconds']:.0f} |"
+                         .replace("n/ax", "n/a"))
         if g.get("budget_rows"):
             lines.append("\nBudget-matched (the grown model trained with its own complete schedule of f x N steps):\n")
             lines.append("| operator | steps (f x N) | final val loss | scratch's N-step loss | reached? | speed-up if reached "
@@ -226,7 +229,13 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/speedup-<archs>]")
+    ap.add_argument("--render", type=Path, default=None, help="only print the tables of an earlier run's speedup.json")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        steps = int(saved["command"].split("--steps ")[1].split()[0])
+        print(f"`{saved['command']}` ({saved['seconds']} s)\n\n" + "\n".join(table(r, steps) for r in saved["results"]))
+        return
     default_out = RESULTS / f"speedup-{'-'.join(args.arch)}-{args.protocol}"
     t0 = time.time()
     tok, train_blocks, val_blocks, acc = prepare_run(args, default_out)
