@@ -94,21 +94,22 @@ class Curve:
 
 def run(model, label: str, train_blocks: TokenBlocks, val_blocks: TokenBlocks, *, steps: int, lr: float,
         eval_every: int, base_config=None, seed: int = 0, stop_below: float | None = None, accelerator=None,
-        warmup: int | None = None, batch_size: int = BATCH) -> Curve:
+        warmup: int | None = None, batch_size: int = BATCH, **schedule) -> Curve:
     """Train with the shared recipe, evaluating every `eval_every` steps; optionally stop once the eval loss is at
-    or below `stop_below` (the schedule stays that of `steps`)."""
+    or below `stop_below` (the schedule stays that of `steps`). `schedule`: start_step / data_start / stop_after
+    (TrainConfig fields) for runs that continue or stop part-way through a schedule."""
     accelerator = accelerator or make_accelerator()
     curve = Curve(label)
     curve.steps.append(0)
     curve.losses.append(evaluate(model, val_blocks, accelerator, batch_size, EVAL_BLOCKS))
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, schedule="cosine", min_lr_ratio=0.1,
                       weight_decay=0.1, eval_every=eval_every, eval_blocks=EVAL_BLOCKS, seed=seed, quiet=True,
-                      mup=base_config is not None)
+                      mup=base_config is not None, **schedule)
 
     def on_step(row: dict) -> bool:
         curve.train_losses.append(row["loss"])
         if row["eval_loss"] is not None:
-            curve.steps.append(row["step"])
+            curve.steps.append(row["step"] - schedule.get("start_step", 0))  # steps of this run
             curve.losses.append(row["eval_loss"])
             return stop_below is not None and row["eval_loss"] <= stop_below
         return False

@@ -29,6 +29,12 @@ def train_command(
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (needed for --resume)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     seed: int = typer.Option(0, help="Seed for data order and RNG."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop after N steps of this run, keeping the schedule of "
+                                                        "--steps (a checkpoint is saved there: grow it, or --resume)."),
+    start_step: int = typer.Option(0, help="Continue a schedule (and data stream) begun by the small model: train "
+                                           "steps START..STEPS with their LR and blocks."),
+    data_start: Optional[int] = typer.Option(None, help="Stream position (steps) of the first batch (default "
+                                                        "--start-step): read on where the small model stopped."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -38,4 +44,5 @@ def train_command(
     train(checkpoint, [*data, *(more_data or [])], out, eval_data=eval_data or None, resume=resume,
           text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
           warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup, base_width=base_width,
-          mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every, seed=seed, quiet=quiet)
+          mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every, seed=seed, stop_after=stop_after, start_step=start_step,
+          data_start=data_start, quiet=quiet)

@@ -60,6 +60,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     stop_after: int | None = None  # stop after this many steps of this run (checkpointing), keeping the schedule
+    # Continue a schedule begun by another model (a grown model picking up where its small model stopped): this run
+    # trains steps start_step..steps with those steps' LR; the optimizer state starts fresh.
+    start_step: int = 0
+    # Stream position (in steps) of this run's first batch; default start_step. Alone, it lets a grown model read on
+    # where its small model stopped (no block seen twice) under a schedule of its own.
+    data_start: int | None = None
     quiet: bool = False
 
     def validate(self) -> None:
@@ -75,6 +81,10 @@ class TrainConfig:
             raise GrowkitError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if self.warmup is not None and self.warmup < 0:
             raise GrowkitError(f"--warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.start_step < self.steps:
+            raise GrowkitError(f"--start-step must be in [0, steps), got {self.start_step} with --steps {self.steps}")
+        if self.data_start is not None and self.data_start < 0:
+            raise GrowkitError(f"--data-start must be >= 0, got {self.data_start}")
         for name in ("eval_every", "save_every", "stop_after"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -112,12 +122,14 @@ class TrainResult:
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Multiplier of the base LR at scheduler step s: linear warm-up, then cosine/linear decay or constant."""
+    """Multiplier of the base LR at this run's scheduler step s (schedule step start_step + s): linear warm-up, then
+    cosine/linear decay or constant."""
     warm = cfg.warmup_steps()
     total = cfg.steps
     floor = cfg.min_lr_ratio
 
     def f(s: int) -> float:
+        s += cfg.start_step
         if s < warm:
             return (s + 1) / warm
         if cfg.schedule == "constant":
@@ -253,7 +265,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         log(f"µP groups: {describe_groups(groups)}")
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    state = TrainState()
+    state = TrainState(step=cfg.start_step)
+    data_shift = (cfg.start_step if cfg.data_start is None else cfg.data_start) - cfg.start_step
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -299,7 +312,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     while state.step < stop:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(K):
-            idx = sampler.micro_batch(state.step, micro, rank, world, K, B)
+            idx = sampler.micro_batch(state.step + data_shift, micro, rank, world, K, B)
             x = train_blocks.batch(idx).to(accelerator.device)
             sync = contextlib.nullcontext() if micro == K - 1 else accelerator.no_sync(model)
             with sync:
@@ -322,7 +335,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         row = {"step": state.step, "loss": round(loss_val, 6), "eval_loss": None, "lr": lr_now,
                "tokens": state.tokens, "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1),
                "elapsed_s": round(state.elapsed_s, 3),
-               "epoch": round(sampler.epoch_at(state.step, world, K, B), 4)}
+               "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4)}
         if eval_blocks is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps):
             last_eval = evaluate(model, eval_blocks, accelerator, B, cfg.eval_blocks)
             row["eval_loss"] = round(last_eval, 6)
