@@ -9,7 +9,8 @@ exported once where the benchmarks run and carried to the GPU machine:
     TOKENS=/tmp/tokens OUT=/tmp/out python benchmarks/explore_growth.py MODE ARCH [ARCH ...]
 
 MODE: summarize DIR (markdown tables of the JSONs), protocols (restart vs continue, replayed vs fresh data, LR after growth), sym (noise levels), probe (every
-operator, continue protocol), tie (tied vs untied head), late (growth late in the schedule, N 800 and 1600).
+operator, continue protocol), tie (tied vs untied head), late (growth late in the schedule, N 800 and 1600),
+lrs (LR after growth with and without µP, scratch at the same LRs).
 Each mode writes OUT/explore-MODE.json (every run's eval curve); results are in benchmarks/results/explore/.
 """
 import json, math, os, sys, time
@@ -307,6 +308,27 @@ def late(arch, lr=3e-3):
                 counted=(N / (r + S * flops(cfg) / flops(big_cfg))) if r is not None else None)
 
 
+def lrs(arch, lr=3e-3, N=800, S=400):
+    """Continue protocol at several LRs after growth (µP on and off), and scratch at the same LRs."""
+    cfg = T.AutoConfig.from_pretrained(ROOT / "models" / f"tiny-{arch}")
+    sched = cosine(N, N // 20)
+    small = new_model(cfg)
+    fit(small, S, lr, sched)
+    big_cfg = growkit.grow_model(small, width=2).config
+    target = None
+    for mult in (0.5, 1, 2, 4):
+        ls = fit(new_model(big_cfg), N, lr * mult, sched)[1]
+        log(arch=arch, what="scratch", glr=lr * mult, N=N, final=ls[-1])
+        target = ls[-1] if mult == 1 else target
+    for mult in (1, 2, 4, 8):
+        for mup in (True, False):
+            g = growkit.grow_model(small, width=2, seed=0, method="clone", noise_snr_db=0.0)
+            sl, ls = fit(g, N - S, lr * mult, sched, base=cfg if mup else None, data_offset=S, sched_offset=S)
+            r = reach(sl, ls, target)
+            log(arch=arch, what="lr-continue", variant=f"clone+noise0 {'µP' if mup else 'no µP'}", glr=lr * mult,
+                N=N, S=S, target=target, final=ls[-1], best=min(ls), reach=r, speedup=N / r if r else None)
+
+
 def summarize(d: Path) -> str:
     """Markdown tables of every explore-*.json in `d` (the figures RESULTS.md quotes)."""
     keys = ["arch", "what", "kind", "variant", "sched", "tied", "noise", "data", "glr", "warm", "N", "S", "small",
@@ -323,7 +345,7 @@ def summarize(d: Path) -> str:
     return "\n".join(out)
 
 
-MODES = {"protocols": experiment, "sym": symmetry, "probe": probe, "tie": tie, "late": late}
+MODES = {"protocols": experiment, "sym": symmetry, "probe": probe, "tie": tie, "late": late, "lrs": lrs}
 
 if __name__ == "__main__":
     t0 = time.time()
