@@ -187,10 +187,11 @@ class Subclone(Operator):
         seq_len = min(self.seq_len, plan.source.positions or self.seq_len)
         if self.importance_source == "weights":
             removes_blocks = plan.target.layers < plan.source.layers
-            print("growkit: warning: no calibration text; subclone ranks neurons by weight norms"
+            why = "importance=weights" if self.calibration else "no calibration text"
+            print(f"growkit: warning: {why}; subclone ranks neurons by weight norms"
                   + (" and blocks by their update on random token ids" if removes_blocks else "")
-                  + "; pass --calibration FILES to rank them by activations on real text (without it, --method select "
-                  "kept more in benchmarks/bench_shrink.py)", file=sys.stderr)
+                  + "; ranking by activations on real text (--calibration FILES) kept more than --method select in "
+                  "benchmarks/bench_shrink.py, weight norms kept less", file=sys.stderr)
             imp = weight_importance(ckpt, specs, plan.source, parts)
             if removes_blocks:
                 # Weight norms say nothing about how much a block changes the stream (the first block, which turns
