@@ -198,7 +198,8 @@ def test_rescale_auto_keeps_the_mode_with_the_lowest_held_out_calibration_loss(t
     out = load_checkpoint(auto.out_dir)
     assert all(torch.equal(out.get(n), chosen.get(n)) for n in chosen.names())
     card = (auto.out_dir / "README.md").read_text()
-    assert f"rescale_chosen: {options['rescale_chosen']}" in card and "rescale_losses" in card
+    assert f"rescale_chosen: {options['rescale_chosen']}" in card and "- rescale_losses:" in card
+    assert all(f"  - `{m}`: {v}" in card for m, v in options["rescale_losses"].items())  # one line per candidate
     fixed = json.loads((tmp_path / "fanin" / "growkit.json").read_text())["options"]
     assert fixed["rescale"] == "fanin" and "rescale_chosen" not in fixed  # a fixed mode records only itself
 

@@ -158,8 +158,12 @@ def _method(provenance: dict) -> str:
         lines.append(f"- layers initialised as identity (residual writers zeroed): {provenance['identity_layers']}")
     lines.append(f"- seed: {options.pop('seed', 'not recorded')}")
     for key in sorted(options):
-        if options[key] is not None:
-            lines.append(f"- {key}: {options[key]}")
+        value = options[key]
+        if isinstance(value, dict):  # e.g. subclone's loss per rescale candidate: one sub-item each, in order
+            lines.append(f"- {key}:")
+            lines += [f"  - `{k}`: {v}" for k, v in value.items()]
+        elif value is not None:
+            lines.append(f"- {key}: {value}")
     return "\n".join(lines)
 
 
