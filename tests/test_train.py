@@ -143,6 +143,25 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=240)
 
 
+def test_interrupted_training_says_so_and_keeps_its_checkpoints(tmp_path, corpus):
+    import signal
+    import time
+
+    ckpt = fresh_checkpoint(tmp_path / "ckpt", "gpt2")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "growkit.cli", "train", str(ckpt), "--data", str(corpus["train"]),
+                             "-o", str(out), "--steps", "100000", "--save-every", "2", "--batch-size", "2",
+                             "--seq-len", "32", "-q"], stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while not list(out.glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "training interrupted by SIGINT" in err and "--resume" in err and "Traceback" not in err, err
+    assert list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize("case", ["missing-data", "empty-file", "seq-len", "no-tokenizer"])
 def test_bad_input_fails_before_training(tmp_path, corpus, case):
     ckpt = fresh_checkpoint(tmp_path / "ckpt")

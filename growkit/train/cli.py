@@ -39,10 +39,15 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Continue training a checkpoint with Accelerate (works under torchrun / accelerate launch), µP LR groups."""
+    from growkit.errors import Interrupted
     from growkit.train.loop import train
 
-    train(checkpoint, [*data, *(more_data or [])], out, eval_data=eval_data or None, resume=resume,
-          text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
-          warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup, base_width=base_width,
-          mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every, seed=seed, stop_after=stop_after, start_step=start_step,
-          data_start=data_start, quiet=quiet)
+    try:
+        train(checkpoint, [*data, *(more_data or [])], out, eval_data=eval_data or None, resume=resume,
+              text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+              grad_accum=grad_accum, warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup,
+              base_width=base_width, mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every,
+              seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, quiet=quiet)
+    except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
+        raise Interrupted(f"{out}: training interrupted by {str(exc) or 'SIGINT'}; checkpoints saved so far are kept "
+                          "(continue with --resume), the final model was not written") from None
