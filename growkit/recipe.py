@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from growkit.errors import GrowkitError
+from growkit.errors import GrowkitError, Interrupted
 from growkit.hub.push import REPO_ID_PATTERN
 
 STDLIB_PREFIX = "stdlib:"
@@ -505,7 +505,11 @@ def run_command(
     if no_push:
         overrides["push"] = None
     overrides.update(parse_set(set_))
-    result = run_recipe(recipe, dry_run=dry_run, overrides=overrides, quiet=quiet, echo=typer.echo)
+    try:
+        result = run_recipe(recipe, dry_run=dry_run, overrides=overrides, quiet=quiet, echo=typer.echo)
+    except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
+        raise Interrupted(f"{recipe}: run interrupted by {str(exc) or 'SIGINT'}; finished steps keep their outputs, "
+                          "the interrupted step wrote no final output") from None
     if dry_run:
         typer.echo("dry run: recipe, source and plan are valid; nothing was written")
         return

@@ -266,3 +266,32 @@ def test_unknown_train_option_names_the_field(tmp_path):
     expected = r"r\.yaml: train\.stepz: not an option of growkit\.train \(options: .*steps"
     with pytest.raises(GrowkitError, match=expected):
         load_recipe(path)
+
+
+def test_interrupted_run_says_so(tmp_path, tiny_gpt2):
+    """Ctrl-C during a recipe's training step: one line naming the recipe, exit 130, the grow step's output kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = REPO / "growkit" / "recipe.py"
+    path = write(tmp_path, f"""
+source: {tiny_gpt2}
+out: trained
+grow: {{width: 2}}
+train: {{data: [{text}], steps: 100000, batch_size: 2, seq_len: 32, save_every: 2}}
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "growkit.cli", "run", str(path), "-q"], stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not list((tmp_path / "trained").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run interrupted by SIGINT" in err and "Traceback" not in err, err
+    assert (tmp_path / "trained-grown" / "model.safetensors").is_file()
+    assert not (tmp_path / "trained" / "model.safetensors").exists()
