@@ -10,7 +10,8 @@ exported once where the benchmarks run and carried to the GPU machine:
 
 MODE: summarize DIR (markdown tables of the JSONs), protocols (restart vs continue, replayed vs fresh data, LR after growth), sym (noise levels), probe (every
 operator, continue protocol), tie (tied vs untied head), late (growth late in the schedule, N 800 and 1600),
-lrs (LR after growth with and without µP, scratch at the same LRs).
+lrs (LR after growth with and without µP, scratch at the same LRs), diverge (do clones of the hidden axis
+come apart in training?), untie (GPT-2: untie the head at growth).
 Each mode writes OUT/explore-MODE.json (every run's eval curve); results are in benchmarks/results/explore/.
 """
 import json, math, os, sys, time
@@ -329,6 +330,74 @@ def lrs(arch, lr=3e-3, N=800, S=400):
                 N=N, S=S, target=target, final=ls[-1], best=min(ls), reach=r, speedup=N / r if r else None)
 
 
+def copy_gap(model, small_cfg) -> dict[str, float]:
+    """How far the two copies of each cloned hidden coordinate have moved apart: per parameter whose dims hold the
+    doubled hidden axis, ||w[.., i] - w[.., i + d]|| / ||w[.., i] + w[.., i + d]|| over all i < d (0 = still clones)."""
+    d = small_cfg.hidden_size
+    gaps = {}
+    for name, p in model.named_parameters():
+        for dim, size in enumerate(p.shape):
+            if size == 2 * d and ("ln" in name or "norm" in name or p.dim() == 2):
+                a, b = p.detach().float().narrow(dim, 0, d), p.detach().float().narrow(dim, d, d)
+                gaps[f"{name}[{dim}]"] = float((a - b).norm() / (a + b).norm().clamp(min=1e-12))
+                break
+    return gaps
+
+
+def diverge(arch, lr=3e-3, N=800, S=400):
+    """Continue protocol, clone + 0 dB: do the copies of the hidden axis come apart during training?"""
+    cfg = T.AutoConfig.from_pretrained(ROOT / "models" / f"tiny-{arch}")
+    sched = cosine(N, N // 20)
+    small = new_model(cfg)
+    fit(small, S, lr, sched)
+    g = growkit.grow_model(small, width=2, seed=0, method="clone", noise_snr_db=0.0)
+    before = copy_gap(g, cfg)
+    sl, ls = fit(g, N - S, lr, sched, base=cfg, data_offset=S, sched_offset=S)
+    after = copy_gap(g, cfg)
+    for k in before:
+        log(arch=arch, what="copy-gap", variant=k, after_growth=before[k], final=after[k])
+    log(arch=arch, what="copy-gap-loss", final=ls[-1])
+
+
+def untie_head(model, noise_db: float, seed: int = 0):
+    """A tied grown GPT-2 -> an untied one computing the same function: lm_head starts as the (cloned) embedding,
+    plus noise that sums to zero over the two copies of each hidden coordinate (ln_f's outputs are equal there)."""
+    w = model.transformer.wte.weight.detach().clone()
+    d = w.shape[1] // 2
+    gen = torch.Generator().manual_seed(seed)
+    eps = (torch.randn(w.shape[0], d, generator=gen) * float(w.std()) * 10 ** (-noise_db / 20)).to(w.device)
+    w[:, :d] += eps
+    w[:, d:] -= eps
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(w)
+    return model
+
+
+def untie(arch="gpt2", lr=3e-3, N=800, S=400):
+    """Continue protocol on the tied GPT-2: does untying the head at growth let the clones use their width?"""
+    cfg = T.AutoConfig.from_pretrained(ROOT / "models" / f"tiny-{arch}")
+    sched = cosine(N, N // 20)
+    small = new_model(cfg)
+    fit(small, S, lr, sched)
+    big = growkit.grow_model(small, width=2).config
+    untied_big = T.AutoConfig.from_pretrained(ROOT / "models" / f"tiny-{arch}", tie_word_embeddings=False,
+                                              n_embd=big.n_embd, n_head=big.n_head, n_inner=big.n_inner)
+    ls = fit(new_model(untied_big), N, lr, sched)[1]
+    log(arch=arch, what="scratch-untied", N=N, final=ls[-1])
+    for label, head_db in (("clone+noise0, untied at growth, head noise 0 dB", 0.0),
+                           ("clone+noise0, untied at growth, head noise 10 dB", 10.0)):
+        g = growkit.grow_model(small, width=2, seed=0, method="clone", noise_snr_db=0.0)
+        x = val_b[:8].cpu()
+        with torch.no_grad():
+            ref = g.to("cpu")(input_ids=x).logits
+            untie_head(g, head_db)
+            delta = float((g(input_ids=x).logits - ref).abs().max())
+        sl, ls = fit(g, N - S, lr, sched, base=cfg, data_offset=S, sched_offset=S)
+        gap = copy_gap(g, cfg)["transformer.wte.weight[1]"]
+        log(arch=arch, what="untie-continue", variant=label, S=S, N=N, after_growth=ls[0], final=ls[-1],
+            max_dlogits_untie=delta, wte_copy_gap=gap)
+
+
 def summarize(d: Path) -> str:
     """Markdown tables of every explore-*.json in `d` (the figures RESULTS.md quotes)."""
     keys = ["arch", "what", "kind", "variant", "sched", "tied", "noise", "data", "glr", "warm", "N", "S", "small",
@@ -345,7 +414,7 @@ def summarize(d: Path) -> str:
     return "\n".join(out)
 
 
-MODES = {"protocols": experiment, "sym": symmetry, "probe": probe, "tie": tie, "late": late, "lrs": lrs}
+MODES = {"protocols": experiment, "sym": symmetry, "probe": probe, "tie": tie, "late": late, "lrs": lrs, "diverge": diverge, "untie": untie}
 
 if __name__ == "__main__":
     t0 = time.time()
