@@ -31,6 +31,7 @@ from growkit.maps import GrowthMaps
 from growkit.operators import get_operator
 from growkit.operators.base import Operator
 from growkit.plan import Direction, GrowthPlan, make_plan
+from growkit.verify import model_with_weights, verify_growth
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -299,8 +300,6 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
         if ckpt.root is not None:
             copy_support_files(ckpt.root, writer)
         if verify:
-            from growkit.verify import verify_growth
-
             provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
         writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
         with writer.guard("README.md"):
@@ -345,15 +344,9 @@ def grow_model(model: Any, *, width: str | float | None = None, hidden: int | No
 
 def grown_model(growth: Growth) -> Any:
     """The grown model as a `transformers` model in memory (fp32, on the CPU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with single_threaded():
         state = {entry.name: tensor for entry, tensor in grown_tensors(growth, torch.float32)}
-    new_config = AutoConfig.for_model(**{k: v for k, v in growth.config.items() if k != "transformers_version"})
-    new_model = AutoModelForCausalLM.from_config(new_config, dtype=torch.float32)
-    missing, unexpected = new_model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if growth.opts.tied else set()
-    if set(missing) - tied or unexpected:
+    new_model, missing, unexpected = model_with_weights(growth.config, state, growth.opts.tied)
+    if missing or unexpected:
         raise RuntimeError(f"grown state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    new_model.tie_weights()
     return new_model

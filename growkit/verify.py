@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +14,31 @@ from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 
 
-def model_from_checkpoint(ckpt: Checkpoint) -> Any:
-    """A fp32 `transformers` model with the checkpoint's weights, whatever the checkpoint's form (dir, file, memory)."""
+def model_with_weights(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                       tied: bool) -> tuple[Any, list[str], list[str]]:
+    """A fp32 `transformers` model of `config` holding `state`, with the weights it lacks (a tied head excepted) and
+    the names it does not know. With a tied head the embedding is the head, so a stale `lm_head.weight` in `state`
+    is not loaded over it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**{k: v for k, v in ckpt.config.items() if k != "transformers_version"})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    family = family_for(ckpt.config, ckpt.source)
-    tied = {"lm_head.weight"} if family.tied(ckpt.config) else set()
-    # With a tied head the embedding is the head: a stale lm_head.weight in the state must not overwrite it.
-    state = {name: ckpt.get(name) for name in ckpt.names() if name not in tied}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    buffers = {n for n, _ in model.named_buffers()}
-    stray = {n for n in unexpected if n not in buffers and not n.endswith(family.ignorable)}
-    if set(missing) - tied or stray:
-        raise GrowkitError(f"{ckpt.source}: weights do not fit the config (missing {sorted(missing)[:3]}, "
-                           f"unexpected {sorted(stray)[:3]})")
+    model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    head = {"lm_head.weight"} if tied else set()
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
     model.tie_weights()
+    return model, sorted(set(missing) - head), sorted(unexpected)
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> Any:
+    """A fp32 `transformers` model with the checkpoint's weights, whatever the checkpoint's form (dir, file, memory)."""
+    family = family_for(ckpt.config, ckpt.source)
+    state = {name: ckpt.get(name) for name in ckpt.names()}
+    model, missing, unexpected = model_with_weights(ckpt.config, state, family.tied(ckpt.config))
+    buffers = {n for n, _ in model.named_buffers()}
+    stray = [n for n in unexpected if n not in buffers and not n.endswith(family.ignorable)]
+    if missing or stray:
+        raise GrowkitError(f"{ckpt.source}: weights do not fit the config (missing {missing[:3]}, "
+                           f"unexpected {stray[:3]})")
     return model.eval()
 
 
