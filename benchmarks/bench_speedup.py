@@ -115,7 +115,7 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
                    "curve": curve.as_dict()}
             group["rows"].append(row)
             print(f"[{arch}] {kind} {label}: after growth {curve.losses[0]:.4f}, reach {fmt(reach, '.0f')} steps, "
-                  f"speed-up {fmt(speedup, '.2f')}x, counting small {fmt(row['speedup_with_small'], '.2f')}x "
+                  f"speed-up {ratio(speedup)}, counting small {ratio(row['speedup_with_small'])} "
                   f"({curve.seconds:.0f}s)", flush=True)
             del grown
         if kind.startswith("width") and args.budgets and not cont:
@@ -139,6 +139,16 @@ def bench_family(arch: str, args, acc, tok, train_blocks, val_blocks) -> dict:
                 del grown
         result["groups"].append(group)
     return result
+
+
+def ratio(x: float | None) -> str:
+    text = fmt(x, ".2f")
+    return text if text == "n/a" else text + "x"
+
+
+def report(doc: dict, steps: int) -> str:
+    """The markdown of a run: its command and time, then every table."""
+    return f"`{doc['command']}` ({doc['seconds']} s)\n\n" + "\n".join(table(r, steps) for r in doc["results"])
 
 
 def small_flops_ratio(res: dict, g: dict) -> float:
@@ -166,9 +176,8 @@ def table(res: dict, steps: int) -> str:
         for r in g["rows"]:
             budget = steps - res["small_steps"] if res["protocol"] == "continue" else steps
             reach = fmt(r["steps_to_target"], ".0f") if r["steps_to_target"] is not None else f"not reached in {budget}"
-            lines.append(f"| {r['operator']} | {r['loss_after_growth']:.4f} | {reach} | {fmt(r['speedup'], '.2f')}x | "
-                         f"{fmt(r['speedup_with_small'], '.2f')}x | {r['best_loss']:.4f} | {r['seconds']:.0f} |"
-                         .replace("n/ax", "n/a"))
+            lines.append(f"| {r['operator']} | {r['loss_after_growth']:.4f} | {reach} | {ratio(r['speedup'])} | "
+                         f"{ratio(r['speedup_with_small'])} | {r['best_loss']:.4f} | {r['seconds']:.0f} |")
         if g.get("budget_rows"):
             lines.append("\nBudget-matched (the grown model trained with its own complete schedule of f x N steps):\n")
             lines.append("| operator | steps (f x N) | final val loss | scratch's N-step loss | reached? | speed-up if reached "
@@ -233,8 +242,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         saved = json.loads(args.render.read_text())
-        steps = int(saved["command"].split("--steps ")[1].split()[0])
-        print(f"`{saved['command']}` ({saved['seconds']} s)\n\n" + "\n".join(table(r, steps) for r in saved["results"]))
+        print(report(saved, int(saved["command"].split("--steps ")[1].split()[0])))
         return
     default_out = RESULTS / f"speedup-{'-'.join(args.arch)}-{args.protocol}"
     t0 = time.time()
@@ -249,12 +257,13 @@ def main() -> None:
         + ([f"--operators {' '.join(repr(o) if ' ' in o else o for o in args.operators)}"] if args.operators else [])
         + ([f"--budgets {' '.join(f'{b:g}' for b in args.budgets)}"] if args.budgets != [0.5, 0.25] else [])
         + ([f"--out {args.out}"] if args.out != default_out else []))
-    md = "\n".join(table(r, args.steps) for r in results)
-    save_json(args.out / "speedup.json", {"command": cmd, "torch": torch.__version__, "python": platform.python_version(),
-                                          "seconds": round(time.time() - t0), "results": results})
+    doc = {"command": cmd, "torch": torch.__version__, "python": platform.python_version(),
+           "seconds": round(time.time() - t0), "results": results}
+    save_json(args.out / "speedup.json", doc)
     plot(results, args.out / "speedup.png")
-    (args.out / "speedup.md").write_text(f"`{cmd}` ({time.time() - t0:.0f} s)\n\n{md}\n")
-    print(f"\n`{cmd}` ({time.time() - t0:.0f} s)\n\n{md}")
+    md = report(doc, args.steps)
+    (args.out / "speedup.md").write_text(md + "\n")
+    print("\n" + md)
 
 
 if __name__ == "__main__":
