@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import transformers as T
-from _train_common import flops_per_token as flops, stdlib_blocks  # noqa: E402  (also puts the repo on sys.path)
+from _train_common import Curve, flops_per_token as flops, stdlib_blocks  # noqa: E402  (also puts the repo on sys.path)
 import growkit  # noqa: E402
 from growkit.train.blocks import BlockSampler  # noqa: E402
 from growkit.train.loop import TrainConfig, lr_lambda  # noqa: E402
@@ -109,13 +109,8 @@ def fit(model, steps, lr, lr_fn, *, base=None, data_offset=0, sched_offset=0, ev
 
 
 def reach(steps_l, losses, target):
-    for i, (s, v) in enumerate(zip(steps_l, losses)):
-        if v <= target:
-            if i == 0:
-                return 0.0
-            s0, v0 = steps_l[i - 1], losses[i - 1]
-            return s0 + (s - s0) * (v0 - target) / (v0 - v)
-    return None
+    """Step at which the eval curve first reaches `target` (interpolated), as in the benchmarks."""
+    return Curve("", list(steps_l), list(losses)).first_step_at_or_below(target)
 
 
 def new_model(cfg, seed=0):
