@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from types import FrameType
+
+from growkit import interrupts
+
+# First, before any heavy import: a Ctrl-C during start-up is recorded, never swallowed by an import (see
+# growkit.interrupts), and acted on as soon as the command starts.
+interrupts.install()
 
 # Transparent huge pages for torch's large CPU allocations; torch reads this once, so it is set before torch is first
 # imported (just below). Growth allocates every output tensor afresh, and faulting in fresh memory 4 KiB at a time
@@ -38,11 +42,6 @@ def _root() -> None:
     """growkit: transfer a trained checkpoint's weights into a model of another size, zero-shot."""
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so half-written output is removed on the way out."""
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def _quiet_transformers(quiet: bool) -> None:
     """transformers' advice on configs we did not write is noise here. Said through the environment when transformers
     is not imported yet, which spares every run (most never need transformers) half a second of importing it."""
@@ -59,17 +58,31 @@ def _quiet_transformers(quiet: bool) -> None:
 
 
 def main() -> None:
-    """Run the CLI; user errors print one line and exit 2, with no traceback."""
-    signal.signal(signal.SIGTERM, _terminate)
+    """Run the CLI; user errors print one line and exit 2, with no traceback.
+
+    SIGINT and SIGTERM unwind like Ctrl-C (half-written output is removed on the way out) and exit 130. One that
+    arrives after the command's output was published changes nothing: the run finishes, says so, and exits 0.
+    """
+    interrupts.install()
     _quiet_transformers("--quiet" in sys.argv or "-q" in sys.argv)
+    try:
+        interrupts.arm()
+    except KeyboardInterrupt as exc:
+        typer.echo(f"error: interrupted by {exc} during start-up; nothing was written", err=True)
+        sys.exit(130)
     try:
         app()
     except GrowkitError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt:
-        typer.echo("error: interrupted; nothing was written at the output path", err=True)
+    except KeyboardInterrupt as exc:
+        typer.echo(f"error: interrupted by {str(exc) or 'SIGINT'}; nothing was written at the output path", err=True)
         sys.exit(130)
+    except SystemExit as exc:  # click ends every command with one, 0 when it succeeded
+        if exc.code in (0, None) and interrupts.pending() is not None:
+            typer.echo(f"growkit: note: {interrupts.pending()} arrived after the work was complete; finished "
+                       "normally", err=True)
+        raise
 
 
 if __name__ == "__main__":

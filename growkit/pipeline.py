@@ -24,6 +24,7 @@ from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
 from growkit.checkpoint.files import copy_support_files
+from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
 from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size, scan_temporaries
 from growkit.errors import GrowkitError
@@ -277,7 +278,8 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
     src = Path(src)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle)
     out = Path(out) if out is not None else default_output(src, direction)
-    _check_output(src, out, overwrite)
+    check_output(out, input_paths(src, config, operator_options), overwrite)
+    shard_bytes = parse_size(max_shard_size)
     growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                          method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,
                          direction=direction, operator_options=operator_options)
@@ -291,7 +293,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
                 "config": json.dumps(new_config, sort_keys=True)}
     clean_temporaries(out)
     entries = [e for e, _, _ in growth.entries(out_dtype)]
-    with CheckpointWriter(out, entries, parse_size(max_shard_size), metadata, overwrite=overwrite) as writer:
+    with CheckpointWriter(out, entries, shard_bytes, metadata, overwrite=overwrite) as writer:
         with single_threaded():
             for entry, tensor in grown_tensors(growth, out_dtype, quiet=quiet, allow_nonfinite=allow_nonfinite):
                 writer.add(entry.name, tensor)
@@ -317,15 +319,14 @@ def _write_card(directory: Path, provenance: dict[str, Any]) -> None:
     write_model_card(directory, provenance)
 
 
-def _check_output(src: Path, out: Path, overwrite: bool) -> None:
-    src_dir = (src if src.is_dir() else src.parent).resolve()
-    resolved = out.resolve()
-    if src.is_dir() and (resolved == src_dir or resolved.is_relative_to(src_dir)):
-        raise GrowkitError(f"{out}: output must not be inside the source directory {src}")
-    if resolved == src.resolve():
-        raise GrowkitError(f"{out}: output must not be the source")
-    if out.exists() and not overwrite:
-        raise GrowkitError(f"{out}: output already exists (pass --overwrite to replace it)")
+def input_paths(src: Path, config: str | Path | Mapping[str, Any] | None,
+                operator_options: Mapping[str, Any] | None) -> list[str | Path]:
+    """Every file or directory a growth reads: the source, a --config file, calibration text and its tokenizer."""
+    options = dict(operator_options or {})
+    calibration = options.get("calibration") or []
+    return [src, *([config] if isinstance(config, (str, Path)) else []),
+            *([calibration] if isinstance(calibration, (str, Path)) else calibration),
+            *([options["tokenizer"]] if options.get("tokenizer") else [])]
 
 
 def grow_model(model: Any, *, width: str | float | None = None, hidden: int | None = None, ffn: int | None = None,

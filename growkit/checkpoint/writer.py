@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import re
@@ -35,10 +36,14 @@ except ImportError:  # not on Windows: ownership falls back to the pid in the na
 
 import torch
 
+from growkit import interrupts
+from growkit.checkpoint.outputs import replaceable_problem
 from growkit.checkpoint.reader import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from growkit.errors import GrowkitError
 
 TMP_PREFIX = ".growkit-tmp-"
+#: Smaller limits are typos (a size without its unit: `--max-shard-size 5`) and give every tensor a file of its own.
+MIN_SHARD_SIZE = 10_000
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -56,7 +61,11 @@ def parse_size(text: str | int) -> int:
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size < MIN_SHARD_SIZE:
+        raise GrowkitError(f"--max-shard-size: {text!r} is {size} bytes, below the minimum of {MIN_SHARD_SIZE // 1000}KB "
+                           "(a unit missing? e.g. 5GB or 500MiB)")
+    return size
 
 
 @dataclass(frozen=True)
@@ -229,38 +238,22 @@ class CheckpointWriter:
 
         SIGINT and SIGTERM are held back for the few system calls of the swap, so an interrupt leaves either no
         output (or the previous one) or the complete new one; `kill -9` cannot be held back, and the rename is what
-        keeps it from leaving a partial directory at the output path.
+        keeps it from leaving a partial directory at the output path. An interrupt that arrived earlier but was
+        swallowed on the way (growkit.interrupts) stops the run here, before anything is replaced.
         """
         self.finish_weights()
         with self.guard("the directory"):
             (self.tmp / ".incomplete").unlink()
             _fsync_dir(self.tmp)
         with _signals_held():
+            interrupts.raise_if_pending()
             with self.guard("the directory"):
-                if self.overwrite and self.out.exists():
-                    self._replace_existing()
-                elif not _rename2(self.tmp, self.out, _RENAME_NOREPLACE):
-                    if self.out.exists():  # where the OS cannot refuse atomically, check just before
-                        raise FileExistsError(errno.EEXIST, "exists", str(self.out))
-                    os.rename(self.tmp, self.out)
+                publish_directory(self.tmp, self.out, self.overwrite)
             self.committed = True
-        try:
-            _fsync_dir(self.out.parent)
-        except OSError as exc:
-            print(f"growkit: warning: {self.out} is complete, but syncing its parent directory failed "
-                  f"({_why(exc)})", file=sys.stderr)
+            interrupts.published()
         self._unlock()
+        interrupts.pause_point("published")
         return self.out
-
-    def _replace_existing(self) -> None:
-        """--overwrite: swap the new directory in atomically where the OS can (Linux renameat2), else two renames."""
-        if _rename2(self.tmp, self.out, _RENAME_EXCHANGE):
-            shutil.rmtree(self.tmp, ignore_errors=True)  # self.tmp now holds the previous output
-            return
-        old = self.tmp.with_name(self.tmp.name + "-old")
-        os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         """Remove everything written so far (and any parent directories this writer made); never touches `out`."""
@@ -285,6 +278,33 @@ class CheckpointWriter:
                 p.rmdir()
             except OSError:
                 break
+
+
+def publish_directory(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the complete directory `tmp` to `out`. With `overwrite`, an existing `out` is swapped out atomically
+    where the OS can (Linux renameat2, else two renames) and then removed, and stderr says so; but only if it is
+    still a directory that --overwrite may replace (growkit.checkpoint.outputs), checked again at this moment."""
+    if overwrite and (out.exists() or out.is_symlink()):
+        problem = replaceable_problem(out)
+        if problem is not None:
+            raise GrowkitError(f"{out}: --overwrite refused: {problem}; remove it yourself or choose another output")
+        if _rename2(tmp, out, _RENAME_EXCHANGE):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous output
+        else:
+            old = tmp.with_name(tmp.name + "-old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        print(f"growkit: replaced the previous {out} (--overwrite)", file=sys.stderr)
+    elif not _rename2(tmp, out, _RENAME_NOREPLACE):
+        if out.exists() or out.is_symlink():  # where the OS cannot refuse atomically, check just before
+            raise FileExistsError(errno.EEXIST, "exists", str(out))
+        os.rename(tmp, out)
+    try:
+        _fsync_dir(out.parent)
+    except OSError as exc:
+        print(f"growkit: warning: {out} is complete, but syncing its parent directory failed ({_why(exc)})",
+              file=sys.stderr)
 
 
 def _why(exc: OSError) -> str:
@@ -350,9 +370,24 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 
 
+#: Longest output name kept whole in a temporary name, so that `.growkit-tmp-NAME-hHOST-pPID-TAG-old` stays within
+#: the 255 bytes a file name may have (NAME_MAX) for any output name that is itself valid.
+_STEM_MAX = 120
+
+
+def _stem(out_name: str) -> str:
+    """The output's name as it appears in its temporary names: whole, or cut and tagged with a hash of the whole."""
+    if len(os.fsencode(out_name)) <= _STEM_MAX:
+        return out_name
+    stem = out_name
+    while len(os.fsencode(stem)) > _STEM_MAX - 9:
+        stem = stem[:-1]
+    return f"{stem}~{hashlib.sha1(os.fsencode(out_name)).hexdigest()[:8]}"
+
+
 def temporary_name(out_name: str) -> str:
     """`.growkit-tmp-OUT-hHOST-pPID-TAG`: recognisable by prefix, and it says which process on which host owns it."""
-    return f"{TMP_PREFIX}{out_name}-h{_host()}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{TMP_PREFIX}{_stem(out_name)}-h{_host()}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _lock_directory(path: Path) -> int | None:
@@ -404,7 +439,7 @@ class Temporary:
 
 
 def _temporary_pattern(out_name: str) -> re.Pattern[str]:
-    return re.compile(rf"{re.escape(TMP_PREFIX + out_name)}-(?:h(?P<host>[A-Za-z0-9_]+)-p)?(?P<pid>\d+)-"
+    return re.compile(rf"{re.escape(TMP_PREFIX + _stem(out_name))}-(?:h(?P<host>[A-Za-z0-9_]+)-p)?(?P<pid>\d+)-"
                       r"[0-9a-f]{8}(?:-old)?")
 
 
@@ -419,7 +454,7 @@ def scan_temporaries(out: Path) -> list[Temporary]:
     pattern = _temporary_pattern(out.name)
     found: list[Temporary] = []
     try:
-        candidates = [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX + out.name + "-")]
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX + _stem(out.name) + "-")]
     except OSError:
         return []
     for path in sorted(candidates):
