@@ -245,7 +245,7 @@ class CheckpointWriter:
         with self.guard("the directory"):
             (self.tmp / ".incomplete").unlink()
             _fsync_dir(self.tmp)
-        with _signals_held():
+        with signals_held():
             interrupts.raise_if_pending()
             with self.guard("the directory"):
                 publish_directory(self.tmp, self.out, self.overwrite)
@@ -307,6 +307,26 @@ def publish_directory(tmp: Path, out: Path, overwrite: bool) -> None:
               file=sys.stderr)
 
 
+def publish_files(tmp: Path, directory: Path) -> None:
+    """Move the files of the complete directory `tmp` into the existing `directory` (a training run's, which also
+    holds metrics and checkpoints, so it cannot be swapped whole), config.json last: until it lands, the directory
+    does not look like a finished model. Files get the mode a new file gets (0644 under the usual umask), as the
+    writer's do; signals are held for the renames, and a swallowed interrupt stops the run before the first."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = sorted(tmp.iterdir(), key=lambda f: (f.name == "config.json", f.name))
+    for f in files:
+        os.chmod(f, 0o666 & ~umask)
+    _fsync_dir(tmp)
+    with signals_held():
+        interrupts.raise_if_pending()
+        for f in files:
+            os.replace(f, directory / f.name)
+        interrupts.published()
+    tmp.rmdir()
+    _fsync_dir(directory)
+
+
 def _why(exc: OSError) -> str:
     """The cause of an I/O error in the words a user searches for."""
     known = {errno.ENOSPC: "disk full (no space left on device)", errno.EDQUOT: "disk quota exceeded",
@@ -318,7 +338,7 @@ def _why(exc: OSError) -> str:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Defer SIGINT and SIGTERM (delivered on exit from the block) where the platform allows."""
     held = {signal.SIGINT, signal.SIGTERM}
     if not hasattr(signal, "pthread_sigmask"):

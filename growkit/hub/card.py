@@ -101,8 +101,14 @@ def source_license(source_path: str | None) -> str | None:
 def card_body(provenance: dict, title: str | None = None) -> str:
     """Markdown body: what was grown from what, how, how faithfully, what training followed, how to reproduce."""
     source = provenance.get("source") or {}
-    verb = "grown" if provenance.get("kind", "grow") != "shrink" else "shrunk"
     source_name = source.get("hub_id") or (Path(source["path"]).name if source.get("path") else "an unnamed checkpoint")
+    if provenance.get("kind") == "train":  # `growkit train` on a checkpoint growkit did not make: no growth to show
+        parts = [f"# {title or f'{source_name}, trained with growkit'}", "",
+                 f"This checkpoint was trained from `{source_name}` with growkit {provenance.get('growkit_version', '')}"
+                 " (`growkit train`).", "", "## Training", "", _training(provenance.get("training") or {}),
+                 "", "## Reproduce", "", _reproduce(provenance)]
+        return "\n".join(parts) + "\n"
+    verb = "grown" if provenance.get("kind", "grow") != "shrink" else "shrunk"
     title = title or f"{source_name}, {verb} with growkit ({provenance.get('operator')})"
     parts = [f"# {title}", ""]
     parts.append(

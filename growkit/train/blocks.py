@@ -11,6 +11,7 @@ permutations, so the data position is just a counter, resume is exact, and ranks
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -47,6 +48,31 @@ def resolve_data_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if f.stat().st_size == 0:
             raise GrowkitError(f"data file {f} is empty")
     return files
+
+
+def not_text(path: Path, byte: int, what: str = "data file") -> GrowkitError:
+    """The one message for a file that should be text and is not (binary, or another encoding)."""
+    return GrowkitError(f"{what} {path} is not UTF-8 text (byte {byte})")
+
+
+def check_text_file(path: Path, what: str = "data file") -> None:
+    """Refuse a file that is not UTF-8 text, with the message training gives for it (for inputs read whole, such as
+    calibration text, which would otherwise be decoded with replacement characters)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK_CHARS):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise not_text(path, offset + exc.start, what) from None
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise not_text(path, offset + exc.start, what) from None
+    except OSError as exc:
+        raise GrowkitError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -96,7 +122,7 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[tuple[str, 
                 carry = buf[cut:]
             yield carry, True
     except UnicodeDecodeError as exc:
-        raise GrowkitError(f"data file {path} is not UTF-8 text (byte {exc.start})") from None
+        raise not_text(path, exc.start) from None
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -121,11 +147,27 @@ def _dtype_for(vocab_size: int):
 
 def tokenize_files(files: Sequence[Path], tokenizer, out_path: Path, text_field: str = "text",
                    batch_chars: int = 4 * CHUNK_CHARS) -> int:
-    """Tokenize files into `out_path` (raw ids), streaming; returns the token count. Atomic (tmp + rename)."""
+    """Tokenize files into `out_path` (raw ids), streaming; returns the token count.
+
+    Atomic: the ids and their `.json` description are written under temporary names and renamed ids first, so the
+    `.json`, which `load_blocks` looks for, only exists beside complete ids; temporaries go on any failure.
+    """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporaries = [out_path.with_name(f".{out_path.stem}-{os.getpid()}{suffix}.tmp") for suffix in (".bin", ".json")]
+    try:
+        total = _tokenize_into(files, tokenizer, *temporaries, text_field, batch_chars)
+        os.replace(temporaries[0], out_path)
+        os.replace(temporaries[1], out_path.with_suffix(".json"))
+    except BaseException:
+        for tmp in temporaries:
+            tmp.unlink(missing_ok=True)
+        raise
+    return total
+
+
+def _tokenize_into(files: Sequence[Path], tokenizer, tmp: Path, meta: Path, text_field: str, batch_chars: int) -> int:
     dtype = _dtype_for(len(tokenizer))
     eos = tokenizer.eos_token_id
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
     total = 0
     with open(tmp, "wb") as out:
         pending: list[tuple[str, bool]] = []
@@ -152,9 +194,8 @@ def tokenize_files(files: Sequence[Path], tokenizer, out_path: Path, text_field:
                     total += flush()
                     pending_chars = 0
         total += flush()
-    os.replace(tmp, out_path)
-    (out_path.with_suffix(".json")).write_text(json.dumps({
-        "tokens": total, "dtype": np.dtype(dtype).name, "files": [str(f) for f in files]}, indent=1))
+    meta.write_text(json.dumps({"tokens": total, "dtype": np.dtype(dtype).name, "files": [str(f) for f in files]},
+                               indent=1))
     return total
 
 
@@ -203,7 +244,7 @@ def load_blocks(paths: Sequence[str | os.PathLike], tokenizer, seq_len: int, cac
     key = cache_key(files, tokenizer, text_field)
     bin_path = Path(cache_dir) / f"{key}.bin"
     is_main = accelerator is None or accelerator.is_main_process
-    if is_main and not bin_path.exists():
+    if is_main and not (bin_path.exists() and bin_path.with_suffix(".json").exists()):
         tokenize_files(files, tokenizer, bin_path, text_field)
     if accelerator is not None:
         accelerator.wait_for_everyone()

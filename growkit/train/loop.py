@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -24,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from growkit import interrupts
+from growkit.checkpoint.outputs import check_path
 from growkit.errors import GrowkitError
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks, resolve_data_paths
 from growkit.train.metrics import MetricsLog, plot_curves
@@ -32,6 +35,8 @@ from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_con
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
+#: What a run that failed before its first step leaves in --out: a new run may start there.
+LEFT_BY_A_FAILED_START = {".data-cache", "train_args.json"}
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -235,6 +240,38 @@ def _export_hf(accelerator, model, directory: Path, tokenizer=None, extra_files:
             (directory / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
+def _export_final(accelerator, model, out_dir: Path, tokenizer, extra_files: dict[str, Any], card: dict) -> None:
+    """The final model, written whole into a hidden directory and then moved into the run's directory (config.json
+    last), with a model card; a failure or interrupt before that leaves no part of it there."""
+    from growkit.checkpoint.writer import publish_files
+    from growkit.hub.card import write_model_card
+
+    is_main = accelerator is None or accelerator.is_main_process
+    tmp = out_dir / f".final-model-{os.getpid()}.tmp"
+    try:
+        with _quiet_saving():
+            _export_hf(accelerator, model, tmp, tokenizer, extra_files)
+        if is_main:
+            write_model_card(tmp, card)
+            publish_files(tmp, out_dir)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _card_provenance(provenance: dict | None, summary: dict, run_info: dict | None) -> dict:
+    """What the training output's model card shows: the grown source's provenance with the training added, or for
+    a checkpoint growkit did not make, the training alone."""
+    if provenance is not None:
+        return {**provenance, "training": summary}
+    from growkit import __version__
+
+    source = (run_info or {}).get("checkpoint")
+    return {"growkit_version": __version__, "kind": "train", "source": {"path": source}, "training": summary,
+            "command": shlex.join(["growkit", *sys.argv[1:]]) if sys.argv[1:] else "python api"}
+
+
 def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: TokenBlocks | None = None,
         base_config: Any = None, out_dir: Path | None = None, tokenizer=None, accelerator=None,
         resume_from: Path | None = None, provenance: dict | None = None, run_info: dict | None = None,
@@ -348,6 +385,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         if out_dir is not None and ((cfg.save_every and state.step % cfg.save_every == 0)
                                     or (state.step == stop and stop < cfg.steps)):
             save_checkpoint(state.step)
+            interrupts.pause_point("checkpoint-saved")
         if on_step is not None and on_step(row):
             break
     bar.close()
@@ -367,8 +405,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             extra = {"training.json": summary}
             if provenance is not None:
                 extra["growkit.json"] = {**provenance, "training": summary}
-            with _quiet_saving():
-                _export_hf(accelerator, model, out_dir, tokenizer, extra)
+            _export_final(accelerator, model, out_dir, tokenizer, extra, _card_provenance(provenance, summary,
+                                                                                           run_info))
         accelerator.wait_for_everyone()
     log(f"done: {state.step} steps, train loss {result.train_loss:.4f}"
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
@@ -449,6 +487,7 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
     resolve_data_paths(data_paths)
     if eval_paths is not None:
         resolve_data_paths(eval_paths)
+    check_path(out, [ckpt, *data_paths, *(eval_paths or [])], "--out")
     # 3. The output directory and resume point.
     resume_from = None
     if resume:
@@ -462,6 +501,11 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
                                    f"resuming needs the same value")
     elif out.exists() and ((out / "metrics.jsonl").exists() or _checkpoints(out)):
         raise GrowkitError(f"output directory {out} already holds a training run; pass --resume or choose another -o")
+    elif out.exists() and not out.is_dir():
+        raise GrowkitError(f"{out}: --out exists and is not a directory")
+    elif out.exists() and {p.name for p in out.iterdir()} - LEFT_BY_A_FAILED_START:
+        raise GrowkitError(f"output directory {out} exists and holds other files; training writes into an empty "
+                           "(or new) directory, choose another -o")
     # 4. µP base shapes.
     base_config, base_source = resolve_base_config(ckpt, config, cfg.mup, cfg.base_width)
     provenance = None
