@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from growkit import interrupts
 from growkit.errors import GrowkitError, Interrupted
 from growkit.hub.push import REPO_ID_PATTERN
 
@@ -304,37 +305,72 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
         from growkit.hub.push import preflight
 
         preflight()
-    for target in {grown_out, out}:
+    from growkit.checkpoint.outputs import check_output, check_path
+    from growkit.checkpoint.writer import name_stem
+
+    inputs = _inputs(path, recipe)
+    for target in dict.fromkeys([grown_out, out]):
         if target.exists() and not recipe.overwrite:
             raise GrowkitError(f"{target}: output already exists (set overwrite: true or pass --overwrite)")
-    if recipe.train is not None and out.exists():
-        if not (out / "growkit.json").is_file():
-            raise GrowkitError(f"{out}: exists and is not a growkit output; refusing to replace it")
+        check_output(target, inputs, recipe.overwrite, "out")
+    cache = out.parent / f".{name_stem(out.name)}-data"  # stdlib text written once for training and evaluation
+    check_path(cache, inputs, "out")
     if dry_run:
         return result
-    if recipe.train is not None and out.exists():
-        shutil.rmtree(out)  # growkit.train refuses a directory that holds an earlier run; overwrite was asked for
     for target in (grown_out, out):
         target.parent.mkdir(parents=True, exist_ok=True)
 
     grown = grow(source, grown_out, **grow_opts, overwrite=recipe.overwrite, quiet=quiet,
                  base_model=recipe.base_model, command=command)
     provenance = grown.provenance
-    cache = out.parent / f".{out.name}-data"  # stdlib text written once for training and evaluation
     if recipe.train is not None:
-        provenance = _train(recipe, grown, out, cache, quiet)
-    if recipe.eval is not None:
-        compare = source if recipe.eval.compare_source else None
-        result.evaluation = provenance["evaluation"] = evaluate_recipe(recipe.eval, out, compare, cache)
-    provenance["recipe"] = recipe.as_written()
-    provenance["command"] = command
-    _write_provenance(out, provenance)
+        from growkit.checkpoint.writer import publish_directory, temporary_name
+        from growkit.pipeline import clean_temporaries
+
+        interrupts.arm()  # the grown checkpoint is complete; training is interruptible again
+        clean_temporaries(out)
+        # Over an earlier output, train beside it and swap the result in at the end: a failed run keeps the old one.
+        work = out.parent / temporary_name(out.name) if out.exists() else out
+        try:
+            provenance = _train(recipe, grown, work, cache, quiet)
+            interrupts.arm()
+            provenance = _finish(recipe, provenance, work, source, cache, command, result)
+            if work != out:
+                publish_directory(work, out, overwrite=True)
+        except BaseException:
+            if work != out:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+    else:
+        interrupts.arm()
+        provenance = _finish(recipe, provenance, out, source, cache, command, result)
     result.provenance = provenance
     if recipe.push is not None:
         from growkit.hub.push import push
 
         result.pushed = push(out, **recipe.push.model_dump())  # the token: HF_TOKEN or the login, as preflight found
     return result
+
+
+def _finish(recipe: Recipe, provenance: dict[str, Any], out: Path, source: Path, cache: Path, command: str,
+            result: RecipeResult) -> dict[str, Any]:
+    """Evaluate the model in `out` (and the source) and rewrite its growkit.json and card with all the recipe did."""
+    if recipe.eval is not None:
+        compare = source if recipe.eval.compare_source else None
+        result.evaluation = provenance["evaluation"] = evaluate_recipe(recipe.eval, out, compare, cache)
+    provenance["recipe"] = recipe.as_written()
+    provenance["command"] = command
+    _write_provenance(out, provenance)
+    return provenance
+
+
+def _inputs(path: Path, recipe: Recipe) -> list[str]:
+    """Every path a recipe reads: the recipe file, the source, a grow config, training and evaluation data."""
+    found = [str(path), *(p for p in (recipe.source, recipe.grow.config) if p)]
+    for key in ("data", "eval_data"):
+        value = (recipe.train or {}).get(key) or []
+        found += value if isinstance(value, list) else [value]
+    return found + list(recipe.eval.data if recipe.eval else [])
 
 
 def _plan_lines(recipe: Recipe, source: Path, growth: Any, grown_out: Path, out: Path) -> list[str]:

@@ -395,7 +395,7 @@ def _host() -> str:
 _STEM_MAX = 120
 
 
-def _stem(out_name: str) -> str:
+def name_stem(out_name: str) -> str:
     """The output's name as it appears in its temporary names: whole, or cut and tagged with a hash of the whole."""
     if len(os.fsencode(out_name)) <= _STEM_MAX:
         return out_name
@@ -407,7 +407,7 @@ def _stem(out_name: str) -> str:
 
 def temporary_name(out_name: str) -> str:
     """`.growkit-tmp-OUT-hHOST-pPID-TAG`: recognisable by prefix, and it says which process on which host owns it."""
-    return f"{TMP_PREFIX}{_stem(out_name)}-h{_host()}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{TMP_PREFIX}{name_stem(out_name)}-h{_host()}-p{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _lock_directory(path: Path) -> int | None:
@@ -459,7 +459,7 @@ class Temporary:
 
 
 def _temporary_pattern(out_name: str) -> re.Pattern[str]:
-    return re.compile(rf"{re.escape(TMP_PREFIX + _stem(out_name))}-(?:h(?P<host>[A-Za-z0-9_]+)-p)?(?P<pid>\d+)-"
+    return re.compile(rf"{re.escape(TMP_PREFIX + name_stem(out_name))}-(?:h(?P<host>[A-Za-z0-9_]+)-p)?(?P<pid>\d+)-"
                       r"[0-9a-f]{8}(?:-old)?")
 
 
@@ -474,7 +474,7 @@ def scan_temporaries(out: Path) -> list[Temporary]:
     pattern = _temporary_pattern(out.name)
     found: list[Temporary] = []
     try:
-        candidates = [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX + _stem(out.name) + "-")]
+        candidates = [p for p in out.parent.iterdir() if p.name.startswith(TMP_PREFIX + name_stem(out.name) + "-")]
     except OSError:
         return []
     for path in sorted(candidates):
