@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import typer
 
@@ -26,6 +29,11 @@ PUSH_IGNORE = [".*", "*/.*", "checkpoint-*"]
 _TRUE = {"1", "ON", "YES", "TRUE"}
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 _OFFLINE = "cannot push in offline mode: unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE)"
+#: Seconds any one HTTP operation of a push (connect, send a chunk, wait for an answer) may take. huggingface_hub 2.x
+#: leaves its client without a timeout (HF_HUB_ETAG_TIMEOUT / HF_HUB_DOWNLOAD_TIMEOUT govern downloads only), so an
+#: endpoint that accepts and never answers would hang a push for ever.
+PUSH_TIMEOUT_ENV = "GROWKIT_PUSH_TIMEOUT"
+DEFAULT_PUSH_TIMEOUT = 120.0
 
 
 @dataclass
@@ -133,22 +141,70 @@ def push(
 
     from huggingface_hub import HfApi
 
+    timeout = push_timeout()
     api = HfApi(endpoint=endpoint, token=secret)
-    where = api.endpoint
+    secrets = [secret, *_url_credentials(api.endpoint)]
+    where = _scrub(api.endpoint, secrets)
     try:
-        api.create_repo(repo_id, private=True if private else None, exist_ok=True)
-        if revision and revision != "main" and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=folder,
-            repo_id=repo_id,
-            revision=revision,
-            commit_message=commit_message or f"Upload {folder.name} with growkit",
-            ignore_patterns=list(PUSH_IGNORE),
-        )
+        with _client_timeout(timeout):
+            api.create_repo(repo_id, private=True if private else None, exist_ok=True)
+            if revision and revision != "main" and not revision.startswith("refs/"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                folder_path=folder,
+                repo_id=repo_id,
+                revision=revision,
+                commit_message=commit_message or f"Upload {folder.name} with growkit",
+                ignore_patterns=list(PUSH_IGNORE),
+            )
     except Exception as exc:  # noqa: BLE001 - every failure becomes one scrubbed line; see _explain
-        raise GrowkitError(_scrub(_explain(exc, repo_id, where), secret)) from None
+        raise GrowkitError(_scrub(_explain(exc, repo_id, where, timeout), secrets)) from None
     return PushResult(repo_id=repo_id, commit_url=str(info.commit_url), commit_oid=str(info.oid), files=_listed(folder))
+
+
+def push_timeout() -> float:
+    """The per-operation HTTP timeout of a push: GROWKIT_PUSH_TIMEOUT seconds, else DEFAULT_PUSH_TIMEOUT."""
+    raw = os.environ.get(PUSH_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PUSH_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise GrowkitError(f"{PUSH_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+@contextmanager
+def _client_timeout(seconds: float) -> Iterator[None]:
+    """huggingface_hub's shared HTTP client, with a timeout, for the push only. A client factory the user installed
+    (huggingface_hub.set_client_factory) is theirs, timeouts included, and left alone."""
+    from huggingface_hub.utils import _http
+
+    default = getattr(_http, "default_client_factory", None)
+    if default is None or getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) is not default:
+        yield
+        return
+
+    def with_timeout() -> object:
+        client = default()
+        client.timeout = seconds
+        return client
+
+    _http.set_client_factory(with_timeout)
+    try:
+        yield
+    finally:
+        _http.set_client_factory(default)
+
+
+def _url_credentials(url: str) -> list[str]:
+    """The user-info part of a URL (`user:secret` in `http://user:secret@host`) and its password: never shown."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    found = [netloc.rpartition("@")[0]] if "@" in netloc else []
+    return [*found, *([parts.password] if parts.password else [])]
 
 
 def _listed(folder: Path) -> list[str]:
@@ -159,7 +215,7 @@ def _listed(folder: Path) -> list[str]:
     return list(filter_repo_objects(paths, ignore_patterns=[*PUSH_IGNORE, *DEFAULT_IGNORE_PATTERNS]))
 
 
-def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
+def _explain(exc: BaseException, repo_id: str, endpoint: str, timeout: float = DEFAULT_PUSH_TIMEOUT) -> str:
     """One line per failure kind, from the most telling exception in the chain (the library wraps some failures,
     e.g. an LFS upload's HTTP error inside a RuntimeError); the library's own text only as the last resort."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
@@ -179,13 +235,19 @@ def _explain(exc: BaseException, repo_id: str, endpoint: str) -> str:
                 return f"the token may not write to {repo_id} (403 Forbidden): use a write token for that namespace"
             detail = " ".join((err.server_message or "").split()) or err.response.reason_phrase
             return f"push to {repo_id} failed: HTTP {status}: {detail}"
+        if isinstance(err, TimeoutError) or type(err).__name__.endswith("Timeout"):
+            return (f"{endpoint} did not answer within {timeout:g} s ({type(err).__name__}); check --endpoint and the "
+                    f"network, or allow longer with {PUSH_TIMEOUT_ENV}=SECONDS")
         if type(err).__module__.startswith(("httpx", "httpcore")) or isinstance(err, ConnectionError):
             return f"cannot reach {endpoint}: {' '.join(str(err).split())}"
     return f"push to {repo_id} failed: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-def _scrub(message: str, secret: str) -> str:
-    return message.replace(secret, "***") if secret else message
+def _scrub(message: str, secrets: list[str]) -> str:
+    """`message` with every secret (the token, credentials in the endpoint URL) replaced by ***, longest first."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
 
 
 def push_command(

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from growkit.arch.registry import family_for
 from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes
+from growkit.checkpoint.outputs import check_path
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.measure.estimators import DEFAULT_RANK, NeuronPCA, held_out_log_likelihood
@@ -139,6 +140,8 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     row-norm, column-norm and entry distributions. With `out`, writes `report.json` and PNG plots there."""
     if units not in ("mf", "sp", "raw"):
         raise GrowkitError(f"--units: expected mf, sp or raw, got {units!r}")
+    if out is not None:
+        check_path(Path(out), [p for p in (checkpoint, compare, config) if isinstance(p, (str, Path))], "--out")
     ckpt = _open(checkpoint, config, allow_pickle)
     family = family_for(ckpt.config, ckpt.source)
     sizes = family.sizes(ckpt.config)
