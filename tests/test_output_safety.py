@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
+import growkit
 from cli_helper import run_cli as run_cli_in
 from cli_util import error_line, run_cli, run_cli_batch
 from hub_fixtures import hub, hub_env, tiny_gpt2  # noqa: F401 (fixtures)
+from growkit.errors import GrowkitError
+from growkit.hub.push import push
+from growkit.recipe import run_recipe
 from localhub import TOKEN
 
 TRAIN = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "-q"]
@@ -106,43 +110,38 @@ def test_no_command_touches_an_input_or_an_unrelated_directory(world, hub, hub_e
     assert tree(w["root"]) == before
 
 
-def test_output_that_is_or_contains_the_working_directory_is_refused(world):
+def test_output_that_is_or_contains_the_working_directory_is_refused(world, tmp_path, monkeypatch):
     """`-o "$PWD" --overwrite` from inside a directory that looks like a checkpoint: refused all the same."""
-    here = world["root"] / "here"
+    here = tmp_path / "there" / "here"
     shutil.copytree(world["src"], here)
-    before = tree(world["root"])
-    for out, why in ((".", "output is the working directory"), ("..", "output contains")):
-        proc = run_cli_in(["grow", str(world["src"]), "--width", "2x", "-o", out, "--overwrite", "-q"], cwd=here)
-        error_line(proc.returncode, proc.stderr, why)
-    assert tree(world["root"]) == before
+    monkeypatch.chdir(here)
+    before = tree(tmp_path)
+    for out, why in ((".", "output is the working directory"), ("..", "output contains the working directory")):
+        with pytest.raises(GrowkitError, match=why):
+            growkit.grow(world["src"], out, width="2x", quiet=True, overwrite=True)
+    assert tree(tmp_path) == before
 
 
-def test_overwrite_replaces_a_checkpoint_and_says_so(world, tmp_path):
+def test_overwrite_replaces_a_checkpoint_and_says_so(world, tmp_path, capsys):
     out = tmp_path / "grown"
-    first = run_cli("grow", world["src"], "--width", "2x", "-o", out, "-q")
-    assert first.returncode == 0, first.stderr
-    again = run_cli("grow", world["src"], "--width", "2x", "-o", out, "--overwrite", "-q", "--seed", "1")
-    assert again.returncode == 0, again.stderr
-    assert f"growkit: replaced the previous {out} (--overwrite)" in again.stderr
+    growkit.grow(world["src"], out, width="2x", quiet=True)
+    growkit.grow(world["src"], out, width="2x", quiet=True, seed=1, overwrite=True)
+    assert f"growkit: replaced the previous {out} (--overwrite)" in capsys.readouterr().err
     assert not list(tmp_path.glob(".growkit-tmp-*"))
 
 
-def test_recipe_overwrite_keeps_the_previous_output_when_the_new_run_fails(world, tmp_path):
+def test_recipe_overwrite_keeps_the_previous_output_when_the_new_run_fails(world, tmp_path, monkeypatch):
     """The recipe used to delete its previous trained output before the new run had succeeded."""
-    data = world["data"]
+    monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "t.yaml"
-    recipe.write_text(f"source: {world['src']}\nout: trained\ngrow: {{width: 2}}\n"
-                      f"train: {{data: [{data}], steps: 2, batch_size: 2, seq_len: 16}}\n")
-    ok = run_cli_in(["run", str(recipe), "-q"], cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
+    recipe.write_text(f"source: {world['src']}\nout: trained\ngrow: {{width: 2, verify: false}}\n"
+                      f"train: {{data: [{world['data']}], steps: 2, batch_size: 2, seq_len: 16, quiet: true}}\n")
+    run_recipe(recipe, quiet=True)
     previous = tree(tmp_path / "trained")
     assert "model.safetensors" in previous
     recipe.write_text(recipe.read_text().replace("seq_len: 16", "seq_len: 4000"))  # fails once training starts
-    failed = run_cli_in(["run", str(recipe), "-q", "--overwrite"], cwd=tmp_path)
-    # The grow step's intermediate output was replaced, and says so; the training step failed.
-    note, error = failed.stderr.strip().splitlines()
-    assert note == f"growkit: replaced the previous {tmp_path / 'trained-grown'} (--overwrite)"
-    error_line(failed.returncode, error, "--seq-len 4000")
+    with pytest.raises(GrowkitError, match="--seq-len 4000 exceeds"):
+        run_recipe(recipe, quiet=True, overrides={"overwrite": True})
     assert tree(tmp_path / "trained") == previous
     assert not list(tmp_path.glob(".growkit-tmp-*"))
 
@@ -183,16 +182,17 @@ def test_shrink_calibration_refuses_binary_like_train(world, tmp_path):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 8)
     out = tmp_path / "small"
-    proc = run_cli("shrink", world["src"], "--width", "0.5x", "--calibration", binary, "-o", out)
-    error_line(proc.returncode, proc.stderr, f"calibration file {binary} is not UTF-8 text (byte 128)")
+    with pytest.raises(GrowkitError, match=rf"calibration file {binary} is not UTF-8 text \(byte 128\)"):
+        growkit.shrink(world["src"], out, width="0.5x", calibration=binary)
+    with pytest.raises(GrowkitError, match=rf"data file {binary} is not UTF-8 text \(byte 128\)"):
+        growkit.train(world["src"], binary, tmp_path / "run", steps=2, batch_size=2, seq_len=16, quiet=True)
     assert not out.exists()
 
 
 def test_training_output_is_0644_with_a_model_card(world, tmp_path):
     """Item 16: model.safetensors was written 0600 while the other files were 0644, and no README.md."""
     out = tmp_path / "run"
-    proc = run_cli("train", world["src"], "-d", world["data"], "-o", out, *TRAIN)
-    assert proc.returncode == 0, proc.stderr
+    growkit.train(world["src"], world["data"], out, steps=2, batch_size=2, seq_len=16, quiet=True)
     umask = os.umask(0)
     os.umask(umask)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "training.json"):
@@ -231,26 +231,26 @@ class SilentServer:
             conn.close()
 
 
-def test_push_to_an_endpoint_that_never_answers_times_out(world, hub_env):
-    env = {"HF_TOKEN": TOKEN, "HF_HOME": str(hub_env / "hf_home"), "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1",
-           "GROWKIT_PUSH_TIMEOUT": "1"}
+def test_push_to_an_endpoint_that_never_answers_times_out(world, hub_env, monkeypatch):
+    monkeypatch.setenv("GROWKIT_PUSH_TIMEOUT", "1")
     with SilentServer() as server:
         endpoint = f"http://127.0.0.1:{server.port}"
         start = time.monotonic()
-        proc = run_cli_in(["push", str(world["src"]), "--repo-id", "alice/x", "--endpoint", endpoint], env,
-                          timeout=120)
+        with pytest.raises(GrowkitError) as info:
+            push(world["src"], "alice/x", token=TOKEN, endpoint=endpoint)
         elapsed = time.monotonic() - start
-    error_line(proc.returncode, proc.stderr, endpoint, "did not answer within 1 s", "GROWKIT_PUSH_TIMEOUT")
+    message = str(info.value)
+    assert message.startswith(f"{endpoint} did not answer within 1 s") and "GROWKIT_PUSH_TIMEOUT" in message, message
     assert server.held, "the client never connected"
-    assert elapsed < 100
+    assert elapsed < 60
 
 
 def test_credentials_in_the_endpoint_are_never_echoed(world, hub_env):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]  # closed again: connecting is refused
-    env = {"HF_TOKEN": TOKEN, "HF_HOME": str(hub_env / "hf_home"), "HF_HUB_DISABLE_XET": "1", "NO_PROXY": "127.0.0.1"}
-    proc = run_cli_in(["push", str(world["src"]), "--repo-id", "alice/x", "--endpoint",
-                       f"http://alice:s3cretPassw0rd@127.0.0.1:{port}"], env)
-    line = error_line(proc.returncode, proc.stderr, f"http://***@127.0.0.1:{port}")
-    assert "s3cretPassw0rd" not in proc.stderr + proc.stdout and "alice:" not in line
+    with pytest.raises(GrowkitError) as info:
+        push(world["src"], "alice/x", token=TOKEN, endpoint=f"http://alice:s3cretPassw0rd@127.0.0.1:{port}")
+    message = str(info.value)
+    assert f"cannot reach http://***@127.0.0.1:{port}" in message, message
+    assert "s3cretPassw0rd" not in message and "alice:" not in message
