@@ -7,9 +7,11 @@ import sys
 
 from growkit import interrupts
 
-# First, before any heavy import: a Ctrl-C during start-up is recorded, never swallowed by an import (see
-# growkit.interrupts), and acted on as soon as the command starts.
-interrupts.install()
+if __name__ == "__main__":  # `python -m growkit.cli`; the `growkit` script does this in growkit/__main__.py
+    # First, before any heavy import: a Ctrl-C during start-up is recorded, never swallowed by an import (see
+    # growkit.interrupts), and acted on as soon as the command starts.
+    interrupts.install()
+    interrupts.pause_point("start-up")
 
 # Transparent huge pages for torch's large CPU allocations; torch reads this once, so it is set before torch is first
 # imported (just below). Growth allocates every output tensor afresh, and faulting in fresh memory 4 KiB at a time

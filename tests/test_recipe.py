@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard
 
 from cli_helper import REPO, run_cli
 from growkit.errors import GrowkitError
+from growkit.interrupts import PAUSE_ENV
 from hub_fixtures import hub, hub_env, tiny_gpt2, tiny_llama  # noqa: F401 (fixtures)
 from growkit.recipe import load_recipe, parse_set, run_recipe
 from localhub import TOKEN
@@ -283,12 +284,16 @@ out: trained
 grow: {{width: 2}}
 train: {{data: [{text}], steps: 100000, batch_size: 2, seq_len: 32, save_every: 2}}
 """)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # The run waits after its first training checkpoint until the signal comes (growkit.interrupts.pause_point):
+    # sending it at a guessed moment was flaky on a busy machine.
+    marker = tmp_path / "paused"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", PAUSE_ENV: f"checkpoint-saved:{marker}"}
     proc = subprocess.Popen([sys.executable, "-m", "growkit.cli", "run", str(path), "-q"], stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path)
-    deadline = time.time() + 120
-    while not list((tmp_path / "trained").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never saved a checkpoint"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

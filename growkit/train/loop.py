@@ -253,6 +253,7 @@ def _export_final(accelerator, model, out_dir: Path, tokenizer, extra_files: dic
             _export_hf(accelerator, model, tmp, tokenizer, extra_files)
         if is_main:
             write_model_card(tmp, card)
+            interrupts.pause_point("final-export")
             publish_files(tmp, out_dir)
     except BaseException:
         if is_main:
