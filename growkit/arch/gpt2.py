@@ -11,6 +11,7 @@ from growkit.arch.spec import (
 from growkit.errors import GrowkitError
 
 _HEADS = (KV_HEADS, QGROUP, HEAD_DIM)
+_PREFIX = "transformer."  # GPT2LMHeadModel's base_model_prefix
 
 
 class GPT2Family(Family):
@@ -30,7 +31,7 @@ class GPT2Family(Family):
         return bool(config.get("tie_word_embeddings", True))
 
     def tensors(self, config: dict[str, Any], names: list[str]) -> list[TensorSpec]:
-        p = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+        p = _PREFIX
         h = f"{p}h.{{}}."
         hid_e = (Dim((HIDDEN,), "elem"),)
         layer = [
@@ -69,8 +70,15 @@ class GPT2Family(Family):
                    n_inner=None if target.ffn == 4 * target.hidden else target.ffn)
         return new
 
+    def stored_names(self, names: list[str]) -> dict[str, str]:
+        """The original GPT-2 checkpoints store the base model's tensors without `transformer.` (`wte.weight`,
+        `h.0.attn.c_attn.weight`); transformers adds the prefix when loading, and so does growkit."""
+        if "wte.weight" not in names or f"{_PREFIX}wte.weight" in names:
+            return {}
+        return {f"{_PREFIX}{n}": n for n in names if n != "lm_head.weight" and not n.startswith(_PREFIX)}
+
     def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
-        p = "transformer." if "transformer.wte.weight" in shapes else ""
+        p = _PREFIX
         if f"{p}wte.weight" not in shapes or f"{p}h.0.attn.c_attn.weight" not in shapes:
             return None
         vocab, hidden = shapes[f"{p}wte.weight"]

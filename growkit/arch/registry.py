@@ -41,3 +41,12 @@ def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, A
     raise GrowkitError(
         f"{source}: no config in the file's metadata or beside it, and its tensor names match no supported "
         f"architecture ({', '.join(supported_model_types())}); pass --config CONFIG.json")
+
+
+def stored_names(names: list[str]) -> dict[str, str]:
+    """{name growkit uses: name in the file} for a file whose family spells its tensor names another way."""
+    for family in FAMILIES:
+        renames = family.stored_names(names)
+        if renames:
+            return renames
+    return {}

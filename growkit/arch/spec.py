@@ -121,6 +121,11 @@ class Family:
         """A config guessed from tensor names and shapes, or None when the names are not this family's."""
         raise NotImplementedError
 
+    def stored_names(self, names: list[str]) -> dict[str, str]:
+        """{name this family's specs use: name in the file} for a layout that spells names differently but that
+        transformers loads all the same; empty when the names are already the specs' (or not this family's)."""
+        return {}
+
 
 def parameter_count(specs: list[TensorSpec], sizes: Sizes) -> int:
     """Number of parameters of a model with these tensors at these sizes (tied head counted once)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from growkit.arch.registry import infer_config
+from growkit.arch.registry import infer_config, stored_names
 from growkit.errors import GrowkitError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -151,6 +151,34 @@ class StateDictCheckpoint(Checkpoint):
         return self._sd[name].detach().to("cpu", torch.float32, copy=True)
 
 
+class RenamedCheckpoint(Checkpoint):
+    """Another checkpoint's tensors under the names the architecture specs use, for a layout that spells them
+    differently but that transformers loads all the same (GPT-2 without `transformer.`); renamed once, here, so
+    growth, verification, calibration and the output all see one spelling."""
+
+    def __init__(self, inner: Checkpoint, stored: dict[str, str]) -> None:
+        self.inner, self._stored = inner, stored
+        self._canonical = {v: k for k, v in stored.items()}
+        self.config, self.source, self.root = inner.config, inner.source, inner.root
+
+    def names(self) -> list[str]:
+        return [self._canonical.get(n, n) for n in self.inner.names()]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inner.shape(self._stored.get(name, name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.inner.dtype(self._stored.get(name, name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(self._stored.get(name, name))
+
+
+def _canonical(ckpt: Checkpoint) -> Checkpoint:
+    renames = stored_names(ckpt.names())
+    return RenamedCheckpoint(ckpt, renames) if renames else ckpt
+
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -230,9 +258,13 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
 
     `path` is a Hugging Face directory (config.json + model.safetensors or a sharded index) or a bare
     `.safetensors` file. Pickle checkpoints (`pytorch_model.bin`) are refused unless `allow_pickle` is set, and then
-    loaded with `torch.load(weights_only=True)`, which executes no code.
+    loaded with `torch.load(weights_only=True)`, which executes no code. Tensor names come out as the architecture
+    specs spell them, whatever equivalent spelling the file uses.
     """
-    path = Path(path)
+    return _canonical(_open_checkpoint(Path(path), config, allow_pickle))
+
+
+def _open_checkpoint(path: Path, config: str | Path | Mapping[str, Any] | None, allow_pickle: bool) -> Checkpoint:
     if not path.exists():
         raise GrowkitError(f"{path}: no such file or directory")
     if path.is_file():
@@ -242,6 +274,8 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
             raise GrowkitError(f"{path}: expected a .safetensors file or a checkpoint directory")
         handle = _open_safetensors(path)
         shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
+        canonical = {v: k for k, v in stored_names(list(shapes)).items()}
+        shapes = {canonical.get(n, n): shape for n, shape in shapes.items()}
         cfg, _ = _config_for_file(path, config, handle.metadata() or {}, shapes)
         return SafetensorsCheckpoint([path], cfg, str(path), root=path.parent)
 
@@ -252,6 +286,10 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise GrowkitError(f"{index}: no weight_map")
+        if single.is_file() and set(weight_map.values()) != {WEIGHTS_NAME}:
+            # transformers loads model.safetensors and ignores the index; reading the index would grow other weights
+            raise GrowkitError(f"{path}: both {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}, which names other files "
+                               f"(transformers would load {WEIGHTS_NAME}); remove the stale one")
         odd = [f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
         if odd:
             raise GrowkitError(f"{index}: weight_map names {odd[0]!r}, not a file name in the checkpoint directory")
