@@ -285,7 +285,7 @@ def provenance_for(growth: Growth, source_path: str, command: str | None, option
         "growkit_version": __version__,
         "kind": plan.direction,
         "source": {"path": source_path, "model_type": growth.ckpt.model_type, "config": growth.ckpt.config,
-                   "hub_id": options.get("base_model")},
+                   "config_inferred": growth.ckpt.config_inferred, "hub_id": options.get("base_model")},
         "sizes": rows,
         "operator": plan.method,
         "depth_method": plan.depth_method,
@@ -342,6 +342,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
             copy_support_files(ckpt.root, writer)
         if verify:
             provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
+            provenance["verification"]["config_inferred"] = ckpt.config_inferred is not None
         writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
         with writer.guard("README.md"):
             _write_card(writer.tmp, provenance)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from growkit.arch.spec import (
     FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec,
+    heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
@@ -78,22 +78,8 @@ class GPT2Family(Family):
         return {f"{_PREFIX}{n}": n for n in names if n != "lm_head.weight" and not n.startswith(_PREFIX)}
 
     def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
-        p = _PREFIX
-        if f"{p}wte.weight" not in shapes or f"{p}h.0.attn.c_attn.weight" not in shapes:
+        """Never: the fused `c_attn` holds heads x head_dim as one width, and nothing else records the head count."""
+        if f"{_PREFIX}wte.weight" not in shapes or f"{_PREFIX}h.0.attn.c_attn.weight" not in shapes:
             return None
-        vocab, hidden = shapes[f"{p}wte.weight"]
-        layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(rf"{re.escape(p)}h\.(\d+)\.", n)))
-        head_dim = 64 if hidden % 64 == 0 else _small_head_dim(hidden)
-        return {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab, "n_embd": hidden,
-            "n_head": hidden // head_dim, "n_layer": layers, "n_positions": shapes[f"{p}wpe.weight"][0],
-            "n_inner": shapes[f"{p}h.0.mlp.c_fc.weight"][1], "tie_word_embeddings": "lm_head.weight" not in shapes,
-        }
-
-
-def _small_head_dim(hidden: int) -> int:
-    """A head_dim guess for widths that are not multiples of 64: the largest power of two below 64 dividing it."""
-    for head_dim in (32, 16, 8, 4, 2, 1):
-        if hidden % head_dim == 0:
-            return head_dim
-    return 1
+        hidden = shapes[f"{_PREFIX}wte.weight"][1]
+        raise heads_not_in_shapes(hidden, hidden)

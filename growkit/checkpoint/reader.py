@@ -30,6 +30,9 @@ class Checkpoint:
     config: dict[str, Any]
     source: str
     root: Path | None
+    #: For a config inferred from tensor shapes: {"fields": what was inferred, "defaulted": fields left to
+    #: transformers' defaults}; None when the config was given or found. Recorded in growkit.json.
+    config_inferred: dict[str, Any] | None = None
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -160,6 +163,7 @@ class RenamedCheckpoint(Checkpoint):
         self.inner, self._stored = inner, stored
         self._canonical = {v: k for k, v in stored.items()}
         self.config, self.source, self.root = inner.config, inner.source, inner.root
+        self.config_inferred = inner.config_inferred
 
     def names(self) -> list[str]:
         return [self._canonical.get(n, n) for n in self.inner.names()]
@@ -232,12 +236,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, handle_meta: dict[str, str],
-                     shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], str]:
-    """Config for a bare .safetensors file: explicit, then file metadata, then config.json beside it, then inferred."""
+                     shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Config for a bare .safetensors file: explicit, then file metadata, then config.json beside it, then inferred
+    (announced on stderr; the second value says what was inferred, None for a config that was not)."""
     if isinstance(config, Mapping):
-        return dict(config), "given"
+        return dict(config), None
     if config is not None:
-        return _read_json(Path(config)), str(config)
+        return _read_json(Path(config)), None
     if "config" in handle_meta:
         try:
             meta_config = json.loads(handle_meta["config"])
@@ -245,11 +250,16 @@ def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, 
             raise GrowkitError(f"{file}: the 'config' entry of its metadata is not valid JSON") from None
         if not isinstance(meta_config, dict):
             raise GrowkitError(f"{file}: the 'config' entry of its metadata is not a JSON object")
-        return meta_config, "safetensors metadata"
+        return meta_config, None
     beside = file.parent / "config.json"
     if beside.is_file():
-        return _read_json(beside), str(beside)
-    return infer_config(shapes, source=str(file)), "inferred from tensor names and shapes"
+        return _read_json(beside), None
+    inferred, defaulted = infer_config(shapes, source=str(file))
+    fields = ", ".join(f"{k}={v}" for k, v in inferred.items() if k != "architectures")
+    print(f"growkit: note: {file} has no config; inferred from its tensor shapes: {fields}; not recorded in the "
+          f"weights, so transformers' defaults apply: {', '.join(defaulted)} (pass --config if they differ)",
+          file=sys.stderr)
+    return inferred, {"fields": inferred, "defaulted": list(defaulted)}
 
 
 def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | None = None,
@@ -276,8 +286,10 @@ def _open_checkpoint(path: Path, config: str | Path | Mapping[str, Any] | None, 
         shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
         canonical = {v: k for k, v in stored_names(list(shapes)).items()}
         shapes = {canonical.get(n, n): shape for n, shape in shapes.items()}
-        cfg, _ = _config_for_file(path, config, handle.metadata() or {}, shapes)
-        return SafetensorsCheckpoint([path], cfg, str(path), root=path.parent)
+        cfg, inferred = _config_for_file(path, config, handle.metadata() or {}, shapes)
+        ckpt = SafetensorsCheckpoint([path], cfg, str(path), root=path.parent)
+        ckpt.config_inferred = inferred
+        return ckpt
 
     cfg = _directory_config(path, config)
     index = path / WEIGHTS_INDEX_NAME

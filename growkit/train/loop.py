@@ -428,6 +428,13 @@ def resolve_base_config(ckpt: Path, config: dict, mup: bool | None, base_width: 
             base = prov["source"]["config"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise GrowkitError(f"{prov_path}: no source config in the provenance (source.config)") from None
+        if prov.get("kind") == "shrink":
+            # The source is wider: its shapes as the base would multiply learning rates (µP transfers an LR tuned
+            # on a narrower model to a wider one, not back).
+            if mup:
+                raise GrowkitError(f"{prov_path}: this checkpoint was shrunk from a wider model, which is no µP base; "
+                                   "pass --base-width N (narrower than this model) or drop --mup")
+            return None, f"off ({prov_path.name}: shrunk from a wider model)"
         return base, f"{prov_path.name} (source {prov['source'].get('model_type', '?')})"
     if mup:
         raise GrowkitError(f"{ckpt} has no growkit.json provenance; pass --base-width N to set the µP base width")
