@@ -19,9 +19,25 @@ if __name__ == "__main__":  # `python -m growkit.cli`; the `growkit` script does
 # Llama 1.2 GB 2x 27.7 -> 21.7 s; page faults 1.45M -> 0.12M). THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+
+def _memory_excepthook(kind: type[BaseException], exc: BaseException, tb: object) -> None:
+    """Under a small `ulimit -v` the imports just below fail (torch's shared library cannot be mapped) before main()
+    can catch anything: say so in one line and exit 2, like any other failure for lack of resources."""
+    from growkit.errors import out_of_memory, out_of_memory_line
+
+    if not out_of_memory(exc):
+        sys.__excepthook__(kind, exc, tb)  # type: ignore[arg-type]
+        return
+    sys.stderr.write(f"error: {out_of_memory_line(exc)}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
+sys.excepthook = _memory_excepthook
+
 import typer  # noqa: E402
 
-from growkit.errors import GrowkitError  # noqa: E402
+from growkit.errors import GrowkitError, out_of_memory, out_of_memory_line  # noqa: E402
 from growkit.grow_command import grow_command  # noqa: E402
 from growkit.hub.push import push_command  # noqa: E402
 from growkit.measure.command import inspect_command  # noqa: E402
@@ -85,6 +101,11 @@ def main() -> None:
             typer.echo(f"growkit: note: {interrupts.pending()} arrived after the work was complete; finished "
                        "normally", err=True)
         raise
+    except (MemoryError, RuntimeError, OSError) as exc:
+        if not out_of_memory(exc):
+            raise
+        typer.echo(f"error: {out_of_memory_line(exc)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

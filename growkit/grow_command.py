@@ -55,7 +55,9 @@ def verification_line(v: dict[str, Any]) -> str:
         f"missing {v['missing_keys']}, unexpected {v['unexpected_keys']}")
     return (f"function preservation: max |Δlogits| = {v['max_abs_dlogits']:.3g} (max |logit| "
             f"{v['max_abs_logit']:.3g}), loss {v['source_loss']:.4f} -> "
-            f"{v['grown_loss']:.4f} (Δ {v['dloss']:+.3g}) on {v['tokens']}; transformers loaded it with {keys}")
+            f"{v['grown_loss']:.4f} (Δ {v['dloss']:+.3g}) on {v['tokens']}; transformers loaded it with {keys}"
+            + ("; both read with the config inferred from tensor shapes, which this check cannot confirm"
+               if v.get("config_inferred") else ""))
 
 
 def run_resize(src: Path, out: Optional[Path], dry_run: bool, quiet: bool, verify: bool, options: dict[str, Any],

@@ -7,6 +7,7 @@ training pipelines. Both share `plan_growth` and `grown_tensors`, so the two can
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,7 @@ from growkit.maps import GrowthMaps
 from growkit.operators import get_operator
 from growkit.operators.base import Operator
 from growkit.plan import Direction, GrowthPlan, make_plan
+from growkit.resources import check_disk, check_memory
 from growkit.verify import model_with_weights, verify_growth
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -128,6 +130,28 @@ def config_errors(source: str) -> Iterator[None]:
         raise GrowkitError(f"{source}: config has a malformed field ({type(exc).__name__}: {exc})") from None
 
 
+#: torch's generators take a seed in [0, 2**64); numpy's (training) in [0, 2**32). Grow and shrink accept what torch
+#: does up to the largest signed 64-bit value, which every seed-taking library accepts as an integer.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int, option: str = "--seed", maximum: int = MAX_SEED) -> None:
+    """A seed outside what the random generators take is refused here rather than as an overflow deep inside."""
+    if not 0 <= seed <= maximum:
+        raise GrowkitError(f"{option} must be an integer from 0 to {maximum}, got {seed}")
+
+
+def check_noise_snr_db(snr_db: float | None) -> None:
+    """Symmetric noise cancels across copies only up to rounding, and that rounding error scales with the noise: at
+    0 dB it is as large as the output dtype's rounding of the weights themselves, below that the noise, not the
+    weights, sets how far the written model is from the source (and far enough below, noise overflows to Inf)."""
+    if snr_db is None:
+        return
+    if not math.isfinite(snr_db) or snr_db < 0:
+        raise GrowkitError(f"--noise-snr-db must be a finite number of at least 0 dB (noise no larger than the "
+                           f"weights it perturbs), got {snr_db}")
+
+
 def checked_sizes(sizes: Sizes, source: str) -> Sizes:
     """Every size the plan uses must be positive (a config with n_head 0 or hidden -1 is not a model)."""
     for name, value in sizes.as_dict().items():
@@ -153,6 +177,8 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
                 operator_options: Mapping[str, Any] | None = None) -> Growth:
     """Validate a request against a checkpoint and decide every axis map; reads headers only (and whatever weights
     an operator needs to decide, such as a fitted measure)."""
+    check_seed(seed)
+    check_noise_snr_db(noise_snr_db)
     family = family_for(ckpt.config, ckpt.source)
     with config_errors(ckpt.source):
         source = checked_sizes(family.sizes(ckpt.config), ckpt.source)
@@ -205,7 +231,21 @@ def grown_tensors(growth: Growth, dtype: torch.dtype, quiet: bool = True,
             checked.add(src_name)
         y = apply_tensor(x, spec, layer, axis_sizes, growth.maps, growth.opts)
         y = growth.operator.adjust(spec, layer, y, growth.maps)
-        yield entry, y.to(dtype)
+        out = y.to(dtype)
+        if not all_finite(out) and (not allow_nonfinite or all_finite(x)):
+            raise GrowkitError(f"{growth.ckpt.source}: output tensor {entry.name} {_nonfinite_cause(y, dtype)}; "
+                               "nothing was written")
+        yield entry, out
+
+
+def _nonfinite_cause(grown: torch.Tensor, dtype: torch.dtype) -> str:
+    """Why a grown tensor (fp32, before the cast to `dtype`) is not finite once cast."""
+    if not all_finite(grown):
+        return "would contain NaN or Inf after growth (from --noise-snr-db or the operator)"
+    top = float(grown.abs().max())
+    name = str(dtype).removeprefix("torch.")
+    return (f"would overflow to Inf: value {top:.4g} exceeds {name}'s range (max {torch.finfo(dtype).max:.4g}); "
+            "use --dtype bf16 or fp32")
 
 
 @contextmanager
@@ -246,7 +286,7 @@ def provenance_for(growth: Growth, source_path: str, command: str | None, option
         "growkit_version": __version__,
         "kind": plan.direction,
         "source": {"path": source_path, "model_type": growth.ckpt.model_type, "config": growth.ckpt.config,
-                   "hub_id": options.get("base_model")},
+                   "config_inferred": growth.ckpt.config_inferred, "hub_id": options.get("base_model")},
         "sizes": rows,
         "operator": plan.method,
         "depth_method": plan.depth_method,
@@ -291,6 +331,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
     metadata = {"format": "pt", "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "operator",
                                                                                     "sizes", "options")}),
                 "config": json.dumps(new_config, sort_keys=True)}
+    check_fits(growth, out, out_dtype, verify)
     clean_temporaries(out)
     entries = [e for e, _, _ in growth.entries(out_dtype)]
     with CheckpointWriter(out, entries, shard_bytes, metadata, overwrite=overwrite) as writer:
@@ -303,11 +344,33 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
             copy_support_files(ckpt.root, writer)
         if verify:
             provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
+            provenance["verification"]["config_inferred"] = ckpt.config_inferred is not None
         writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
         with writer.guard("README.md"):
             _write_card(writer.tmp, provenance)
         out_dir = writer.commit()
     return GrowResult(out_dir=out_dir, provenance=provenance, plan=growth.plan)
+
+
+def check_fits(growth: Growth, out: Path, dtype: torch.dtype, verify: bool = False) -> None:
+    """Refuse, before allocating, an output that cannot fit on disk or a tensor that cannot fit in memory (peak: one
+    output tensor in fp32, its cast to `dtype` if that differs, and its source tensor; `verify` holds both whole
+    models in fp32)."""
+    entries = growth.entries(dtype)
+    params = parameter_count(growth.specs, growth.plan.target)
+    name = str(dtype).removeprefix("torch.")
+    check_disk(out, sum(e.nbytes for e, _, _ in entries), f"the output ({params:,} parameters in {name})")
+    fp32 = torch.float32.itemsize
+    peak, largest = 0, entries[0][0]
+    for entry, spec, layer in entries:
+        src = growth.ckpt.shape(spec.at(None if layer is None else growth.maps.layer_src[layer]))
+        need = (math.prod(entry.shape) + math.prod(src)) * fp32 + (entry.nbytes if dtype != torch.float32 else 0)
+        if need > peak:
+            peak, largest = need, entry
+    check_memory(growth.ckpt.source, peak, f"growing tensor {largest.name} {list(largest.shape)}")
+    if verify:
+        both = (parameter_count(growth.specs, growth.plan.source) + params) * fp32
+        check_memory(growth.ckpt.source, both, "--verify (source and output models in fp32)")
 
 
 def _write_card(directory: Path, provenance: dict[str, Any]) -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from growkit.arch.spec import (
     FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec,
+    heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
 _HEADS = (KV_HEADS, QGROUP, HEAD_DIM)
+_PREFIX = "transformer."  # GPT2LMHeadModel's base_model_prefix
 
 
 class GPT2Family(Family):
@@ -30,7 +31,7 @@ class GPT2Family(Family):
         return bool(config.get("tie_word_embeddings", True))
 
     def tensors(self, config: dict[str, Any], names: list[str]) -> list[TensorSpec]:
-        p = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+        p = _PREFIX
         h = f"{p}h.{{}}."
         hid_e = (Dim((HIDDEN,), "elem"),)
         layer = [
@@ -69,23 +70,16 @@ class GPT2Family(Family):
                    n_inner=None if target.ffn == 4 * target.hidden else target.ffn)
         return new
 
+    def stored_names(self, names: list[str]) -> dict[str, str]:
+        """The original GPT-2 checkpoints store the base model's tensors without `transformer.` (`wte.weight`,
+        `h.0.attn.c_attn.weight`); transformers adds the prefix when loading, and so does growkit."""
+        if "wte.weight" not in names or f"{_PREFIX}wte.weight" in names:
+            return {}
+        return {f"{_PREFIX}{n}": n for n in names if n != "lm_head.weight" and not n.startswith(_PREFIX)}
+
     def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
-        p = "transformer." if "transformer.wte.weight" in shapes else ""
-        if f"{p}wte.weight" not in shapes or f"{p}h.0.attn.c_attn.weight" not in shapes:
+        """Never: the fused `c_attn` holds heads x head_dim as one width, and nothing else records the head count."""
+        if f"{_PREFIX}wte.weight" not in shapes or f"{_PREFIX}h.0.attn.c_attn.weight" not in shapes:
             return None
-        vocab, hidden = shapes[f"{p}wte.weight"]
-        layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(rf"{re.escape(p)}h\.(\d+)\.", n)))
-        head_dim = 64 if hidden % 64 == 0 else _small_head_dim(hidden)
-        return {
-            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab, "n_embd": hidden,
-            "n_head": hidden // head_dim, "n_layer": layers, "n_positions": shapes[f"{p}wpe.weight"][0],
-            "n_inner": shapes[f"{p}h.0.mlp.c_fc.weight"][1], "tie_word_embeddings": "lm_head.weight" not in shapes,
-        }
-
-
-def _small_head_dim(hidden: int) -> int:
-    """A head_dim guess for widths that are not multiples of 64: the largest power of two below 64 dividing it."""
-    for head_dim in (32, 16, 8, 4, 2, 1):
-        if hidden % head_dim == 0:
-            return head_dim
-    return 1
+        hidden = shapes[f"{_PREFIX}wte.weight"][1]
+        raise heads_not_in_shapes(hidden, hidden)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
-from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec
+from growkit.arch.spec import (
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec, heads_not_in_shapes,
+)
 from growkit.errors import GrowkitError
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
@@ -20,7 +23,8 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
 class LlamaFamily(Family):
     def __init__(self) -> None:
         super().__init__(name="llama", model_types=tuple(_VARIANTS), norm="rms", norm_eps_key="rms_norm_eps",
-                         ignorable=(".rotary_emb.inv_freq",))
+                         ignorable=(".rotary_emb.inv_freq",),
+                         unrecorded=("rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings"))
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
@@ -90,14 +94,12 @@ class LlamaFamily(Family):
             return None
         vocab, hidden = shapes["model.embed_tokens.weight"]
         q_out, kv_out = shapes[q][0], shapes["model.layers.0.self_attn.k_proj.weight"][0]
-        head_dim = 128 if q_out % 128 == 0 and kv_out % 128 == 0 and q_out // 128 >= 8 else 64
-        if q_out % head_dim or kv_out % head_dim:
-            head_dim = next(d for d in (32, 16, 8, 4, 2, 1) if q_out % d == 0 and kv_out % d == 0)
         layers = 1 + max(int(mt.group(1)) for n in shapes if (mt := re.match(r"model\.layers\.(\d+)\.", n)))
         model_type = "qwen2" if "model.layers.0.self_attn.q_proj.bias" in shapes else (
             "qwen3" if "model.layers.0.self_attn.q_norm.weight" in shapes else "llama")
-        if model_type == "qwen3":
-            head_dim = shapes["model.layers.0.self_attn.q_norm.weight"][0]
+        if model_type != "qwen3":  # only Qwen3's per-head q/k norms have head_dim as a shape
+            raise heads_not_in_shapes(q_out, math.gcd(q_out, kv_out))
+        head_dim = shapes["model.layers.0.self_attn.q_norm.weight"][0]
         return {
             "model_type": model_type, "architectures": [_ARCHITECTURES[model_type]], "vocab_size": vocab,
             "hidden_size": hidden, "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],

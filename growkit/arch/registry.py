@@ -6,7 +6,7 @@ from typing import Any
 
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.llama import LlamaFamily
-from growkit.arch.spec import Family
+from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
 FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily())
@@ -26,18 +26,31 @@ def family_for(config: dict[str, Any], source: str = "config") -> Family:
         f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(supported_model_types())}")
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
-    """A config guessed from tensor names and shapes, for a bare .safetensors file without one."""
+def infer_config(shapes: dict[str, tuple[int, ...]], source: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A config inferred from tensor names and shapes, for a bare .safetensors file without one, with the fields
+    no tensor records (left to transformers' defaults). Refused where the shapes leave the head count open."""
     for family in FAMILIES:
         try:
             config = family.infer_config(shapes)
+        except HeadsUnknown as exc:
+            raise GrowkitError(f"{source}: cannot infer a {family.name} config: {exc}; pass --config CONFIG.json "
+                               "with the model's head counts") from None
         except (KeyError, ValueError, TypeError, IndexError, ArithmeticError) as exc:
             # The names look like this family's, but a tensor that inference needs is absent or oddly shaped.
             what = f"tensor {exc.args[0]} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
             raise GrowkitError(f"{source}: cannot infer a {family.name} config from its tensors ({what}); "
                                "pass --config CONFIG.json") from None
         if config is not None:
-            return config
+            return config, family.unrecorded
     raise GrowkitError(
         f"{source}: no config in the file's metadata or beside it, and its tensor names match no supported "
         f"architecture ({', '.join(supported_model_types())}); pass --config CONFIG.json")
+
+
+def stored_names(names: list[str]) -> dict[str, str]:
+    """{name growkit uses: name in the file} for a file whose family spells its tensor names another way."""
+    for family in FAMILIES:
+        renames = family.stored_names(names)
+        if renames:
+            return renames
+    return {}

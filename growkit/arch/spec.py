@@ -102,6 +102,8 @@ class Family:
     norm: Literal["rms", "layer"]
     norm_eps_key: str
     ignorable: tuple[str, ...] = field(default=())  # non-persistent buffers some exporters still save
+    #: Config fields no tensor records (an inferred config leaves them to transformers' defaults: announced)
+    unrecorded: tuple[str, ...] = field(default=())
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
         raise NotImplementedError
@@ -121,6 +123,11 @@ class Family:
         """A config guessed from tensor names and shapes, or None when the names are not this family's."""
         raise NotImplementedError
 
+    def stored_names(self, names: list[str]) -> dict[str, str]:
+        """{name this family's specs use: name in the file} for a layout that spells names differently but that
+        transformers loads all the same; empty when the names are already the specs' (or not this family's)."""
+        return {}
+
 
 def parameter_count(specs: list[TensorSpec], sizes: Sizes) -> int:
     """Number of parameters of a model with these tensors at these sizes (tied head counted once)."""
@@ -132,3 +139,15 @@ def parameter_count(specs: list[TensorSpec], sizes: Sizes) -> int:
                 n *= sizes.axis(axis)
         total += n * (sizes.layers if spec.per_layer else 1)
     return total
+
+
+class HeadsUnknown(ValueError):
+    """Config inference stopped at the head count, which tensor shapes do not record."""
+
+
+def heads_not_in_shapes(query_outputs: int, common: int) -> HeadsUnknown:
+    """Weights hold heads x head_dim as one dimension, never the two factors, so an inferred head count is a guess
+    (head_dim 128 and 64 both divide most widths) that changes the function: it is refused, not made."""
+    counts = [query_outputs // d for d in (256, 128, 64, 32, 16, 8, 4, 2, 1) if common % d == 0][:4]
+    return HeadsUnknown(f"the tensor shapes do not say how many attention heads there are ({query_outputs} query "
+                        f"outputs fit {', '.join(map(str, counts))}, ... heads)")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from growkit.arch.registry import infer_config
+from growkit.arch.registry import infer_config, stored_names
 from growkit.errors import GrowkitError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -30,6 +30,9 @@ class Checkpoint:
     config: dict[str, Any]
     source: str
     root: Path | None
+    #: For a config inferred from tensor shapes: {"fields": what was inferred, "defaulted": fields left to
+    #: transformers' defaults}; None when the config was given or found. Recorded in growkit.json.
+    config_inferred: dict[str, Any] | None = None
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -151,6 +154,35 @@ class StateDictCheckpoint(Checkpoint):
         return self._sd[name].detach().to("cpu", torch.float32, copy=True)
 
 
+class RenamedCheckpoint(Checkpoint):
+    """Another checkpoint's tensors under the names the architecture specs use, for a layout that spells them
+    differently but that transformers loads all the same (GPT-2 without `transformer.`); renamed once, here, so
+    growth, verification, calibration and the output all see one spelling."""
+
+    def __init__(self, inner: Checkpoint, stored: dict[str, str]) -> None:
+        self.inner, self._stored = inner, stored
+        self._canonical = {v: k for k, v in stored.items()}
+        self.config, self.source, self.root = inner.config, inner.source, inner.root
+        self.config_inferred = inner.config_inferred
+
+    def names(self) -> list[str]:
+        return [self._canonical.get(n, n) for n in self.inner.names()]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inner.shape(self._stored.get(name, name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.inner.dtype(self._stored.get(name, name))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.inner.get(self._stored.get(name, name))
+
+
+def _canonical(ckpt: Checkpoint) -> Checkpoint:
+    renames = stored_names(ckpt.names())
+    return RenamedCheckpoint(ckpt, renames) if renames else ckpt
+
+
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -204,12 +236,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, handle_meta: dict[str, str],
-                     shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], str]:
-    """Config for a bare .safetensors file: explicit, then file metadata, then config.json beside it, then inferred."""
+                     shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Config for a bare .safetensors file: explicit, then file metadata, then config.json beside it, then inferred
+    (announced on stderr; the second value says what was inferred, None for a config that was not)."""
     if isinstance(config, Mapping):
-        return dict(config), "given"
+        return dict(config), None
     if config is not None:
-        return _read_json(Path(config)), str(config)
+        return _read_json(Path(config)), None
     if "config" in handle_meta:
         try:
             meta_config = json.loads(handle_meta["config"])
@@ -217,11 +250,16 @@ def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, 
             raise GrowkitError(f"{file}: the 'config' entry of its metadata is not valid JSON") from None
         if not isinstance(meta_config, dict):
             raise GrowkitError(f"{file}: the 'config' entry of its metadata is not a JSON object")
-        return meta_config, "safetensors metadata"
+        return meta_config, None
     beside = file.parent / "config.json"
     if beside.is_file():
-        return _read_json(beside), str(beside)
-    return infer_config(shapes, source=str(file)), "inferred from tensor names and shapes"
+        return _read_json(beside), None
+    inferred, defaulted = infer_config(shapes, source=str(file))
+    fields = ", ".join(f"{k}={v}" for k, v in inferred.items() if k != "architectures")
+    print(f"growkit: note: {file} has no config; inferred from its tensor shapes: {fields}; not recorded in the "
+          f"weights, so transformers' defaults apply: {', '.join(defaulted)} (pass --config if they differ)",
+          file=sys.stderr)
+    return inferred, {"fields": inferred, "defaulted": list(defaulted)}
 
 
 def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | None = None,
@@ -230,9 +268,13 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
 
     `path` is a Hugging Face directory (config.json + model.safetensors or a sharded index) or a bare
     `.safetensors` file. Pickle checkpoints (`pytorch_model.bin`) are refused unless `allow_pickle` is set, and then
-    loaded with `torch.load(weights_only=True)`, which executes no code.
+    loaded with `torch.load(weights_only=True)`, which executes no code. Tensor names come out as the architecture
+    specs spell them, whatever equivalent spelling the file uses.
     """
-    path = Path(path)
+    return _canonical(_open_checkpoint(Path(path), config, allow_pickle))
+
+
+def _open_checkpoint(path: Path, config: str | Path | Mapping[str, Any] | None, allow_pickle: bool) -> Checkpoint:
     if not path.exists():
         raise GrowkitError(f"{path}: no such file or directory")
     if path.is_file():
@@ -242,8 +284,12 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
             raise GrowkitError(f"{path}: expected a .safetensors file or a checkpoint directory")
         handle = _open_safetensors(path)
         shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
-        cfg, _ = _config_for_file(path, config, handle.metadata() or {}, shapes)
-        return SafetensorsCheckpoint([path], cfg, str(path), root=path.parent)
+        canonical = {v: k for k, v in stored_names(list(shapes)).items()}
+        shapes = {canonical.get(n, n): shape for n, shape in shapes.items()}
+        cfg, inferred = _config_for_file(path, config, handle.metadata() or {}, shapes)
+        ckpt = SafetensorsCheckpoint([path], cfg, str(path), root=path.parent)
+        ckpt.config_inferred = inferred
+        return ckpt
 
     cfg = _directory_config(path, config)
     index = path / WEIGHTS_INDEX_NAME
@@ -252,6 +298,10 @@ def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | N
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise GrowkitError(f"{index}: no weight_map")
+        if single.is_file() and set(weight_map.values()) != {WEIGHTS_NAME}:
+            # transformers loads model.safetensors and ignores the index; reading the index would grow other weights
+            raise GrowkitError(f"{path}: both {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}, which names other files "
+                               f"(transformers would load {WEIGHTS_NAME}); remove the stale one")
         odd = [f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
         if odd:
             raise GrowkitError(f"{index}: weight_map names {odd[0]!r}, not a file name in the checkpoint directory")

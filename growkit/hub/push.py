@@ -65,15 +65,13 @@ def check_checkpoint_folder(folder: Path) -> list[str]:
     if not (folder / CONFIG_NAME).is_file():
         raise GrowkitError(f"{folder}: not a complete checkpoint: no {CONFIG_NAME}")
     single, index_path = folder / WEIGHTS_NAME, folder / WEIGHTS_INDEX_NAME
-    if single.is_file() and index_path.is_file():
-        raise GrowkitError(f"{folder}: both {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}; remove the stale one")
     if not single.is_file() and not index_path.is_file():
         found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".safetensors")) or ["none"]
         raise GrowkitError(
             f"{folder}: not a complete checkpoint: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} "
             f"(other weights: {', '.join(found)}; growkit pushes safetensors checkpoints only)"
         )
-    ckpt = load_checkpoint(folder)
+    ckpt = load_checkpoint(folder)  # refuses a model.safetensors beside an index naming other shards (stale)
     _ = ckpt.model_type  # raises when config.json has none: AutoModel could not load it
     if single.is_file():
         return [WEIGHTS_NAME]

@@ -4,6 +4,7 @@ distances to a second checkpoint; returned as a pydantic report, optionally writ
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from pydantic import BaseModel, Field, PrivateAttr
 
 from growkit.arch.registry import family_for
-from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes
+from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes, TensorSpec
 from growkit.checkpoint.outputs import check_path
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.errors import GrowkitError
@@ -21,6 +22,7 @@ from growkit.measure.features import AxisKey, blocks_of, iter_tensors, key_label
 from growkit.measure.fit import AxisFit
 from growkit.measure.rc import Distance, RCTest, distance, rc_covariance_test
 from growkit.measure.stats import TensorStats, matrix_view, tensor_stats
+from growkit.pipeline import all_finite, check_seed
 
 
 class TensorReport(TensorStats):
@@ -106,6 +108,16 @@ def _axis_keys(sizes: Sizes) -> list[AxisKey]:
     return keys
 
 
+def finite_tensors(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes
+                   ) -> Iterator[tuple[TensorSpec, int | None, torch.Tensor]]:
+    """`iter_tensors`, refusing a tensor with NaN or Inf: every statistic of it would be NaN, shown as a figure."""
+    for spec, layer, x in iter_tensors(ckpt, specs, sizes):
+        if not all_finite(x):
+            raise GrowkitError(f"{ckpt.source}: tensor {spec.at(layer)} contains NaN or Inf; inspect measures finite "
+                               "weights only")
+        yield spec, layer, x
+
+
 def _scan(ckpt: Checkpoint, units: str) -> tuple[list, dict[str, dict[str, np.ndarray]]]:
     """(stats per tensor, samples) of a checkpoint, reading one tensor at a time."""
     family = family_for(ckpt.config, ckpt.source)
@@ -113,7 +125,7 @@ def _scan(ckpt: Checkpoint, units: str) -> tuple[list, dict[str, dict[str, np.nd
     specs = family.tensors(ckpt.config, ckpt.names())
     stats, samples = [], {}
     tied = family.tied(ckpt.config)
-    for spec, layer, x in iter_tensors(ckpt, specs, sizes):
+    for spec, layer, x in finite_tensors(ckpt, specs, sizes):
         st, sm = tensor_stats(x, spec, layer, sizes, units, tied)
         stats.append(st)
         samples[st.name] = sm
@@ -140,6 +152,12 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     row-norm, column-norm and entry distributions. With `out`, writes `report.json` and PNG plots there."""
     if units not in ("mf", "sp", "raw"):
         raise GrowkitError(f"--units: expected mf, sp or raw, got {units!r}")
+    if permutations < 1:
+        raise GrowkitError(f"--permutations must be at least 1 (p-values need randomizations), got {permutations}")
+    check_seed(seed)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise GrowkitError(f"{out}: exists and is not a directory (--out takes a directory for report.json and "
+                           "plots)")
     if out is not None:
         check_path(Path(out), [p for p in (checkpoint, compare, config) if isinstance(p, (str, Path))], "--out")
     ckpt = _open(checkpoint, config, allow_pickle)
@@ -152,7 +170,7 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     samples: dict[str, dict[str, np.ndarray]] = {}
     axes: dict[AxisKey, AxisReport] = {}
     tied = family.tied(ckpt.config)
-    for spec, layer, x in iter_tensors(ckpt, specs, sizes):
+    for spec, layer, x in finite_tensors(ckpt, specs, sizes):
         if layer is not None:  # a layer's Gram matrices are complete once the next layer starts: report, drop
             for key in [k for k in fits if k[1] is not None and k[1] < layer]:
                 axes[key] = _axis_report(fits.pop(key), rank, seed)

@@ -29,6 +29,7 @@ class Operator:
         """Raise GrowkitError for a plan this operator cannot carry out (before any tensor is read)."""
         if plan.direction not in self.directions:
             raise GrowkitError(f"--method {self.name} cannot {plan.direction} a model")
+        _check_query_groups(plan)
 
     def axis_map(self, kind: str, old: int, new: int, gen: torch.Generator) -> AxisMap:
         raise NotImplementedError
@@ -52,3 +53,15 @@ class Operator:
 def fresh_side(kind: str) -> str:
     """Which side of a fresh neuron stays zero: query heads read a softmax that is not zero, so their readers are."""
     return "in" if kind == QGROUP else "out"
+
+
+def _check_query_groups(plan: GrowthPlan) -> None:
+    """Heads are kv_heads x qgroup (query heads per kv head), and axis maps act on each factor alone, so a growth
+    (which must keep the function) keeps every query group whole: more kv heads with the same heads would split groups, which no map on these
+    factors can do exactly (each new kv head would need its own share of the group's query heads)."""
+    old, new = plan.source.qgroup, plan.target.qgroup
+    if plan.direction == "grow" and new < old:
+        raise GrowkitError(
+            f"kv heads {plan.source.kv_heads} -> {plan.target.kv_heads} with {plan.target.heads} heads would split "
+            f"each group of {old} query heads sharing a kv head into groups of {new}; growkit keeps GQA groups whole: "
+            f"give --heads {plan.target.kv_heads * old} (or more) with --kv-heads {plan.target.kv_heads}")

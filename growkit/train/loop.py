@@ -28,6 +28,7 @@ import torch
 from growkit import interrupts
 from growkit.checkpoint.outputs import check_path
 from growkit.errors import GrowkitError
+from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks, resolve_data_paths
 from growkit.train.metrics import MetricsLog, plot_curves
 from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_config
@@ -90,6 +91,7 @@ class TrainConfig:
             raise GrowkitError(f"--start-step must be in [0, steps), got {self.start_step} with --steps {self.steps}")
         if self.data_start is not None and self.data_start < 0:
             raise GrowkitError(f"--data-start must be >= 0, got {self.data_start}")
+        check_seed(self.seed, maximum=2**32 - 1)  # numpy's generator, seeded with the others, takes 32 bits
         for name in ("eval_every", "save_every", "stop_after"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -321,7 +323,18 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     run_losses: list[float] = []
     last_eval: float | None = None
 
+    def stop_if_diverged(what: str | None) -> None:
+        """A non-finite loss, eval loss or weight ends the run: nothing non-finite is saved, earlier checkpoints stay."""
+        if what is None and all(all_finite(p.detach()) for p in model.parameters()):
+            return
+        bar.close()
+        last = latest_checkpoint(out_dir) if out_dir is not None else None
+        kept = f"the last checkpoint ({last}) is finite" if last else "no checkpoint had been saved"
+        raise GrowkitError(f"{out_dir or 'training'}: training diverged at step {state.step}: "
+                           f"{what or 'weights became NaN or Inf'} (lower --lr?); stopped, {kept}")
+
     def save_checkpoint(step: int) -> None:
+        stop_if_diverged(None)
         final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
         tmp = out_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
         if is_main and tmp.exists():
@@ -367,6 +380,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         state.tokens += tokens_per_step
         tokens_run += tokens_per_step
         loss_val = float(accelerator.reduce(step_loss, reduction="mean")) if world > 1 else float(step_loss)
+        if not math.isfinite(loss_val):
+            stop_if_diverged(f"loss is {loss_val}")
         run_losses.append(loss_val)
         elapsed = time.perf_counter() - t_run
         state.elapsed_s = elapsed_before + elapsed
@@ -376,6 +391,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4)}
         if eval_blocks is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps):
             last_eval = evaluate(model, eval_blocks, accelerator, B, cfg.eval_blocks)
+            if not math.isfinite(last_eval):
+                stop_if_diverged(f"eval loss is {last_eval}")
             row["eval_loss"] = round(last_eval, 6)
         history.append(row)
         if metrics is not None:
@@ -400,6 +417,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         if is_main and metrics is not None:
             plot_curves(metrics.rows(), out_dir / "loss.png", title=f"growkit train: {out_dir.name}")
         if finished:
+            stop_if_diverged(None)
             summary = {"steps": state.step, "tokens": state.tokens, "train_loss": result.train_loss,
                        "eval_loss": last_eval, "elapsed_s": round(state.elapsed_s, 2), "processes": world,
                        "mup": use_mup, "config": _jsonable(cfg), **(run_info or {})}
@@ -449,6 +467,13 @@ def resolve_base_config(ckpt: Path, config: dict, mup: bool | None, base_width: 
             base = prov["source"]["config"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise GrowkitError(f"{prov_path}: no source config in the provenance (source.config)") from None
+        if prov.get("kind") == "shrink":
+            # The source is wider: its shapes as the base would multiply learning rates (µP transfers an LR tuned
+            # on a narrower model to a wider one, not back).
+            if mup:
+                raise GrowkitError(f"{prov_path}: this checkpoint was shrunk from a wider model, which is no µP base; "
+                                   "pass --base-width N (narrower than this model) or drop --mup")
+            return None, f"off ({prov_path.name}: shrunk from a wider model)"
         return base, f"{prov_path.name} (source {prov['source'].get('model_type', '?')})"
     if mup:
         raise GrowkitError(f"{ckpt} has no growkit.json provenance; pass --base-width N to set the µP base width")

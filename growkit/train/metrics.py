@@ -42,8 +42,8 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.jsonl, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        with open(self.jsonl, "a") as fh:  # allow_nan=False: a bare NaN is not JSON (the loop stops before one)
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
         with open(self.csv, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore").writerow(row)
 
