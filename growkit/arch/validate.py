@@ -21,8 +21,8 @@ from growkit.errors import GrowkitError
 #: Sizes under the names every transformers config answers to (GPT-2's `attribute_map` maps them to n_embd, ...).
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
           "num_hidden_layers", "head_dim", "max_position_embeddings")
-#: How far the search for sizes that pass looks: head counts, hidden sizes on each side, candidates per search.
-_MAX_HEADS, _HIDDEN_STEPS, _MAX_TRIES = 4096, 1024, 2000
+#: How many candidates each search for sizes that pass may try (each costs a transformers config, about a ms).
+_MAX_TRIES = 64
 
 
 def _built(config: Mapping[str, Any]) -> tuple[Any, str | None]:
@@ -71,20 +71,14 @@ def check_source_config(family: Family, config: Mapping[str, Any], source: str) 
         raise GrowkitError(f"{source}: config: {problem}")
 
 
-def provisional_layer_src(source_layers: int, target_layers: int) -> list[int]:
-    """A stand-in layer map for checking the target config before an operator has chosen the real one: only the
-    length of per-layer config lists depends on it."""
-    return [i * source_layers // target_layers for i in range(target_layers)]
-
-
-def target_problem(family: Family, config: Mapping[str, Any], target: Sizes,
-                   layer_src: list[int] | None = None) -> str | None:
+def target_problem(family: Family, config: Mapping[str, Any], target: Sizes) -> str | None:
     """Why the config of a model of `target` sizes would not load as that model in transformers; None when it would.
 
     It must pass transformers' validation, and transformers must read it back as exactly the planned sizes (a
-    family whose config derives head_dim from hidden / heads cannot hold every combination)."""
-    if layer_src is None:
-        layer_src = provisional_layer_src(family.sizes(config).layers, target.layers)
+    family whose config derives head_dim from hidden / heads cannot hold every combination). Checked before an
+    operator has chosen the layer map, with a stand-in: only the length of per-layer config lists depends on it."""
+    source_layers = family.sizes(config).layers
+    layer_src = [i * source_layers // target.layers for i in range(target.layers)]
     built, problem = _checked(family, family.rewrite_config(dict(config), target, layer_src))
     if problem is not None:
         return problem
@@ -106,32 +100,48 @@ def _version() -> str:
 
 
 def nearest_passing(source: Sizes, target: Sizes, passes: Callable[[dict[str, int]], bool]) -> list[dict[str, int]]:
-    """Requests close to `target` that pass: other head counts at the same hidden size (nearest to heads scaled
-    with hidden, so GQA groups keep their ratio), and the nearest hidden sizes below and above at the same heads."""
-    found: list[dict[str, int]] = []
-    heads = _first(passes, _head_candidates(source, target))
-    if heads is not None:
-        found.append(heads)
+    """Requests close to `target` that pass, as the options that change: other head counts at the same hidden size
+    (nearest to the heads scaled with hidden), the nearest hidden sizes below and above at the same heads, and the
+    nearest hidden sizes below and above that hold a whole number of the source's heads where no hidden size passes
+    at the same heads (configs that derive head_dim from hidden / heads). Each search tries a bounded number."""
+    def first(candidates: Iterator[dict[str, int]]) -> dict[str, int] | None:
+        hit = next((c for c in islice(candidates, _MAX_TRIES) if passes(c)), None)
+        return None if hit is None else {k: v for k, v in hit.items() if v != getattr(target, k)}
+
+    found = [first(_head_candidates(source, target))]
     for side in (-1, 1):
-        hidden = _first(passes, ({"hidden": target.hidden + side * d} for d in range(1, _HIDDEN_STEPS)
-                                 if target.hidden + side * d > 0 and target.hidden + side * d != source.hidden))
-        if hidden is not None:
-            found.append(hidden)
-    return found
+        found.append(first({"hidden": h} for h in _hidden_sizes(target.hidden, side, 1, source.hidden)) or
+                     first({"hidden": h, **_heads_near(source, h // source.head_dim)}
+                           for h in _hidden_sizes(target.hidden, side, source.head_dim, source.hidden)))
+    return [c for i, c in enumerate(found) if c and c not in found[:i]]
+
+
+def _hidden_sizes(hidden: int, side: int, step: int, source_hidden: int) -> Iterator[int]:
+    """Multiples of `step` from `hidden` outwards on one side, skipping the source's own size."""
+    start = (hidden // step + (side > 0)) * step if hidden % step else hidden + side * step
+    for h in range(start, start + side * step * _MAX_TRIES, side * step):
+        if h <= 0:
+            return
+        if h != source_hidden:
+            yield h
+
+
+def _heads_near(source: Sizes, heads: int) -> dict[str, int]:
+    """`heads` with the kv head count that keeps the source's GQA ratio as nearly as a divisor of `heads` can."""
+    ideal_kv = heads * source.kv_heads / source.heads
+    return {"heads": heads, "kv_heads": min(_divisors(heads), key=lambda k: (abs(k - ideal_kv), k))}
 
 
 def _head_candidates(source: Sizes, target: Sizes) -> Iterator[dict[str, int]]:
-    scale = target.hidden / source.hidden
-    ideal_heads, ideal_kv = source.heads * scale, source.kv_heads * scale
-    for heads in sorted(range(1, _MAX_HEADS + 1), key=lambda h: (abs(h - ideal_heads), h)):
-        kv_options = [kv for kv in range(1, heads + 1) if heads % kv == 0]
-        for kv in sorted(kv_options, key=lambda k: (abs(k - ideal_kv), k)):
-            if (heads, kv) != (target.heads, target.kv_heads):
-                yield {"heads": heads, "kv_heads": kv}
+    ideal = source.heads * target.hidden / source.hidden
+    for heads in sorted(range(1, int(2 * max(ideal, target.heads)) + 8), key=lambda h: (abs(h - ideal), h)):
+        candidate = _heads_near(source, heads)
+        if (candidate["heads"], candidate["kv_heads"]) != (target.heads, target.kv_heads):
+            yield candidate
 
 
-def _first(passes: Callable[[dict[str, int]], bool], candidates: Iterator[dict[str, int]]) -> dict[str, int] | None:
-    return next((c for c in islice(candidates, _MAX_TRIES) if passes(c)), None)
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def as_options(changes: dict[str, int]) -> str:
