@@ -24,7 +24,8 @@ from growkit import __version__
 from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
-from growkit.checkpoint.files import copy_support_files
+from growkit.arch.validate import check_source_config, config_problem
+from growkit.checkpoint.files import check_support_files, copy_support_files
 from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
 from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size, scan_temporaries
@@ -32,7 +33,7 @@ from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.operators import get_operator
 from growkit.operators.base import Operator
-from growkit.plan import Direction, GrowthPlan, make_plan
+from growkit.plan import Direction, GrowthPlan, check_loadable, make_plan
 from growkit.resources import check_disk, check_memory
 from growkit.verify import model_with_weights, verify_growth
 
@@ -180,13 +181,18 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
     check_seed(seed)
     check_noise_snr_db(noise_snr_db)
     family = family_for(ckpt.config, ckpt.source)
+    check_source_config(family, ckpt.config, ckpt.source)
+    if ckpt.root is not None:
+        check_support_files(ckpt.root)
     with config_errors(ckpt.source):
         source = checked_sizes(family.sizes(ckpt.config), ckpt.source)
         specs = family.tensors(ckpt.config, ckpt.names())
+    request = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
+                   depth_method=depth_method, direction=direction)
     try:
-        plan = make_plan(family, source, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
-                         layers=layers, method=method, depth_method=depth_method, direction=direction)
+        plan = make_plan(family, source, **request)
         operator = get_operator(method, **dict(operator_options or {}))
+        check_loadable(family, ckpt.config, plan, request, operator.check)
         operator.check(plan)
     except GrowkitError as exc:  # name the checkpoint the impossible request was made of
         raise GrowkitError(f"{ckpt.source}: {exc}") from None
@@ -208,6 +214,9 @@ def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], 
         ratio = maps.hidden.stream_energy_ratio()
         if family.norm == "rms" and ratio != 1.0 and family.norm_eps_key in config:
             config[family.norm_eps_key] = float(config[family.norm_eps_key]) * ratio
+    problem = config_problem(family, config)
+    if problem is not None:  # the plan's config passed; this one differs only by the layer map and the norm eps
+        raise GrowkitError(f"{ckpt.source}: the {plan.direction} would write a config that does not load: {problem}")
     opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed,
                         noise_snr_db=noise_snr_db)
     return Growth(ckpt, family, specs, plan, operator, maps, opts, config)

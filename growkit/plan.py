@@ -6,11 +6,13 @@ Everything that can be wrong with a request is caught here, before a single tens
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 from growkit.arch.spec import Family, Sizes
+from growkit.arch.validate import as_options, nearest_passing, target_problem
 from growkit.errors import GrowkitError
 
 Direction = Literal["grow", "shrink"]
@@ -85,13 +87,6 @@ def make_plan(family: Family, source: Sizes, *, width: str | float | None = None
     if target.layers <= 0:
         raise GrowkitError(f"--layers must be positive, got {target.layers}")
 
-    if family.name == "gpt2":
-        if target.kv_heads != target.heads:
-            raise GrowkitError("GPT-2 has no grouped-query attention: --kv-heads must equal --heads")
-        if target.hidden != target.heads * source.head_dim:
-            raise GrowkitError(
-                f"GPT-2 fixes head_dim = hidden / heads = {source.head_dim}: hidden {target.hidden} needs "
-                f"{target.hidden / source.head_dim:g} heads, not {target.heads}")
     if target.heads % target.kv_heads:
         raise GrowkitError(f"heads {target.heads} must be a multiple of kv heads {target.kv_heads} (GQA groups)")
 
@@ -102,3 +97,33 @@ def make_plan(family: Family, source: Sizes, *, width: str | float | None = None
             raise GrowkitError(f"{key} would grow from {old} to {new}; use `growkit grow`")
     return GrowthPlan(family.name, source, target, method, depth_method if target.layers != source.layers else None,
                       direction)
+
+
+def check_loadable(family: Family, config: Mapping[str, Any], plan: GrowthPlan, request: Mapping[str, Any],
+                   operator_check: Callable[[GrowthPlan], None]) -> None:
+    """Refuse a plan whose config the installed transformers would not load as the planned model, naming its rule
+    and the nearest sizes that pass every check (this plan's, the operator's and transformers')."""
+    problem = target_problem(family, config, plan.target)
+    if problem is None:
+        return
+
+    def passes(changes: dict[str, int]) -> bool:
+        try:
+            candidate = make_plan(family, plan.source, **{**request, **changes})
+            operator_check(candidate)
+        except GrowkitError:
+            return False
+        return target_problem(family, config, candidate.target) is None
+
+    mha = plan.source.heads == plan.source.kv_heads and request.get("kv_heads") is None
+    hints = [f"`{as_options(_implied_dropped(c, mha))}`" for c in nearest_passing(plan.source, plan.target, passes)]
+    advice = f"nearest sizes that pass: {', '.join(hints)}" if hints else "no nearby sizes pass"
+    made = "grown" if plan.direction == "grow" else "shrunk"
+    raise GrowkitError(f"the {made} model's config would not load: {problem}; {advice}")
+
+
+def _implied_dropped(changes: dict[str, int], mha: bool) -> dict[str, int]:
+    """Without `--kv-heads`, multi-head attention stays multi-head: `--heads 8` says `--heads 8 --kv-heads 8`."""
+    if mha and changes.get("kv_heads") == changes.get("heads"):
+        return {k: v for k, v in changes.items() if k != "kv_heads"}
+    return changes

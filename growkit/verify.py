@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from growkit.arch.registry import family_for
+from growkit.checkpoint.files import tokenizer_files
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 
@@ -81,29 +83,36 @@ def next_token_loss(model: Any, tokens: torch.Tensor, batch_size: int = 8) -> fl
     return total / count
 
 
-def text_tokens(directory: Path, length: int) -> torch.Tensor | None:
+def text_tokens(directory: Path, length: int) -> tuple[torch.Tensor | None, str]:
     """Real text for the check, when the checkpoint has a tokenizer: the start of the stdlib's `textwrap.py`
-    (present wherever Python is), so the loss means something."""
+    (present wherever Python is), so the loss means something. Without it, None and the reason."""
     from transformers import AutoTokenizer
 
+    if not tokenizer_files(directory):
+        return None, "the checkpoint has no tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means no real text; the reason is reported, not hidden
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return None, f"its tokenizer did not load ({type(exc).__name__}: {first})"
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
     ids = tokenizer(text[: 16 * length], verbose=False)["input_ids"][: 2 * length]
-    return torch.tensor(ids).reshape(2, length) if len(ids) == 2 * length else None
+    if len(ids) < 2 * length:
+        return None, f"its tokenizer gave {len(ids)} tokens, fewer than {2 * length}"
+    return torch.tensor(ids).reshape(2, length), ""
 
 
 def verify_growth(ckpt: Checkpoint, directory: Path, seed: int = 0) -> dict[str, Any]:
     """Compare the source with the checkpoint written to `directory`: on real text when there is a tokenizer,
-    else on random tokens."""
+    else on random tokens, saying why (on stderr too when a tokenizer is there but unusable)."""
     source = model_from_checkpoint(ckpt)
     grown, info = load_grown(directory)
     length = min(64, int(ckpt.config.get("n_positions") or ckpt.config.get("max_position_embeddings") or 64))
-    tokens = text_tokens(directory, length)
+    tokens, why_not = text_tokens(directory, length)
     what = f"stdlib textwrap.py, {2 * length} tokens"
     if tokens is None:
         tokens = random_tokens(int(ckpt.config["vocab_size"]), seed=seed, length=length)
-        what = f"random tokens {tuple(tokens.shape)}, seed {seed}"
+        what = f"random tokens {tuple(tokens.shape)}, seed {seed} ({why_not})"
+        if tokenizer_files(directory):
+            print(f"growkit: note: --verify compared on random tokens: {why_not}", file=sys.stderr)
     return {**compare(source, grown, tokens), "tokens": what, **info}

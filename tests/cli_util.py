@@ -39,6 +39,7 @@ def run_cli(*args: str | Path, timeout: float = 120, **kw: Any) -> subprocess.Co
 _FORK_DRIVER = r"""
 import json, os, sys, tempfile, traceback
 import growkit.cli
+from transformers import AutoConfig  # every run checks its configs with it: imported once, not once per child
 
 jobs, width = json.loads(sys.stdin.read()), int(sys.argv[1])
 results, running, queue = {}, {}, list(enumerate(jobs))

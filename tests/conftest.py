@@ -13,7 +13,7 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def tiny_config(name: str) -> T.PretrainedConfig:
-    """Configs small enough for milliseconds per forward pass, covering tied/untied heads, GQA and q/k/v bias."""
+    """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms."""
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
     return {
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
@@ -26,6 +26,7 @@ def tiny_config(name: str) -> T.PretrainedConfig:
                                             **llama),
         "mistral": lambda: T.MistralConfig(num_attention_heads=4, num_key_value_heads=2, **llama),
         "qwen2": lambda: T.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **llama),
+        "qwen3": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **llama),
     }[name]()
 
 

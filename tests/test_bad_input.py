@@ -152,7 +152,8 @@ def config_layer_disagreement(root: Path, gpt2: Path, llama: Path) -> Case:
 def malformed_config_field(root: Path, gpt2: Path, llama: Path) -> Case:
     src = _copy_with_config(gpt2, root, "config-string", n_head="four")
     return Case(["grow", src, "-o", root / "out-config-string", "--width", "2x"], root / "out-config-string",
-                [src, "config has a malformed field", "'four'"])
+                [src, "transformers", "refuses it (GPT2Config.n_head: Field 'n_head' expected int, got str",
+                 "(value: 'four'))"])
 
 
 def unknown_model_type(root: Path, gpt2: Path, llama: Path) -> Case:
@@ -208,7 +209,7 @@ def nonfinite_weights(root: Path, gpt2: Path, llama: Path) -> Case:
 
 def heads_not_divisible(root: Path, gpt2: Path, llama: Path) -> Case:
     return Case(["grow", gpt2, "-o", root / "out-heads", "--hidden", "64", "--heads", "6"], root / "out-heads",
-                [gpt2, "GPT-2 fixes head_dim", "needs 8 heads, not 6"])
+                [gpt2, "would not load: n_embd 64 is not divisible by n_head 6", "`--heads 8`"])
 
 
 def gqa_groups(root: Path, gpt2: Path, llama: Path) -> Case:

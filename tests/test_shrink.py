@@ -244,7 +244,8 @@ def test_subclone_grows_by_ranked_duplication(tiny, tmp_path):
     ("llama-mha", dict(layers=3), "layers would grow from 2 to 3"),
     ("llama-tied", dict(heads=3), "heads 3 must be a multiple of kv heads 2"),
     ("llama-gqa4", dict(width="0.5x"), "gives kv_heads 0.5, not a whole number"),
-    ("gpt2", dict(hidden=16), "GPT-2 fixes head_dim"),
+    ("gpt2", dict(hidden=16), "GPT2Config reads these sizes as head_dim 4 (not 8); nearest sizes that pass: "
+                              "`--heads 2`"),
     ("gpt2", dict(), "nothing to shrink"),
     ("gpt2", dict(width="0.5x", method="clone"), "--method clone cannot shrink a model"),
     ("gpt2", dict(width="0.5x", method="select", calibration=["x.txt"]), "--method select does not use --calibration (only subclone does)"),

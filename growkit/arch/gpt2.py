@@ -61,10 +61,6 @@ class GPT2Family(Family):
         return specs
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
-        if target.hidden != target.heads * target.head_dim:
-            raise GrowkitError(
-                f"GPT-2 fixes head_dim = n_embd / n_head; hidden {target.hidden} with {target.heads} heads would change "
-                f"head_dim from {target.head_dim}")
         new = dict(config)
         new.update(n_embd=target.hidden, n_head=target.heads, n_layer=target.layers,
                    n_inner=None if target.ffn == 4 * target.hidden else target.ffn)

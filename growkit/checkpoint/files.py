@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
+
+from growkit.errors import GrowkitError
 
 SUPPORT_FILES = (
     "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
@@ -22,6 +25,24 @@ def support_files(root: Path) -> list[Path]:
     for pattern in SUPPORT_GLOBS:
         found.update(p for p in root.glob(pattern) if p.is_file())
     return sorted(found)
+
+
+def tokenizer_files(root: Path) -> list[Path]:
+    """The support files that make up a tokenizer (all but the generation config)."""
+    return [p for p in support_files(root) if p.name != "generation_config.json"]
+
+
+def check_support_files(root: Path) -> None:
+    """Refuse a tokenizer or generation file that is not valid JSON: copied as it is, it would make the grown
+    checkpoint's tokenizer fail to load (and `--verify` fall back to random tokens)."""
+    for path in support_files(root):
+        if path.suffix != ".json":
+            continue
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise GrowkitError(f"{path}: not valid JSON ({exc}); fix or remove it, growkit copies it into the "
+                               "output") from None
 
 
 def copy_support_files(root: Path, sink: _Sink) -> list[Path]:
