@@ -178,9 +178,6 @@ def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], 
     several candidate maps, such as subclone's `rescale="auto"`, builds each candidate through this)."""
     with config_errors(ckpt.source):
         config = family.rewrite_config(ckpt.config, plan.target, maps.layer_src)
-        ratio = maps.hidden.stream_energy_ratio()
-        if family.norm == "rms" and ratio != 1.0 and family.norm_eps_key in config:
-            config[family.norm_eps_key] = float(config[family.norm_eps_key]) * ratio
     opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed,
                         noise_snr_db=noise_snr_db)
     return Growth(ckpt, family, specs, plan, operator, maps, opts, config)
