@@ -8,6 +8,7 @@ column multiplied by 300; every ratio is non-integer somewhere, so no neuron has
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -44,11 +45,14 @@ def _exact(result) -> dict:
 
 
 @pytest.mark.parametrize("family", RMS_FAMILIES)
-def test_net2net_at_a_non_integer_ratio_is_exact(tmp_path, family):
-    result = grow(save_massive(family, tmp_path / "src"), tmp_path / "out", method="net2net", verify=True,
+@pytest.mark.parametrize("method", ["net2net", "copy-pad"])
+def test_net2net_and_copy_pad_at_a_non_integer_ratio_are_exact(tmp_path, family, method):
+    result = grow(save_massive(family, tmp_path / "src"), tmp_path / "out", method=method, verify=True,
                   quiet=True, **ONE_AND_A_HALF)
     _exact(result)
     assert result.plan.target.hidden == 48
+    assert result.provenance["source"]["config"]["rms_norm_eps"] == json.loads(
+        (result.out_dir / "config.json").read_text())["rms_norm_eps"]  # eps unchanged, zero-padding included
 
 
 @pytest.mark.parametrize("family", RMS_FAMILIES)
