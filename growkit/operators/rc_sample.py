@@ -41,7 +41,7 @@ from growkit.plan import GrowthPlan
 
 #: Order in which axes are drawn inside a tensor; fixed, so crossings of two new axes are deterministic.
 ORDER = (HIDDEN, KV_HEADS, QGROUP, FFN)
-DEFAULT_ESTIMATOR = "empirical"  # the only measure whose mean-field limit is the source network (benchmarks/RESULTS.md)
+DEFAULT_ESTIMATOR = "empirical"  # plain atoms: needs no fit (kde and gaussian read every tensor twice more)
 SAMPLINGS = ("iid", "stratified")
 _AXES = ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv", "vocab", "positions")
 
@@ -146,10 +146,8 @@ class RCSample(Operator):
         src = torch.cat([torch.arange(n), self._atoms(n, new - n, gen, replacement=True)])
         noise = None
         if fit is not None:
-            estimator = self.estimator.fit_pca(fit.pca)
-            scores = estimator.around_atoms(new, gen)
-            std = {name: b.residual_std(fit.pca.rank) for name, b in fit.blocks.items()} if (
-                estimator.uses_residual) else {}
+            scores = self.estimator.fit_pca(fit.pca).around_atoms(new, gen)
+            std = self._residual_stds(fit)
             if scores is not None or std:
                 noise = ReaderNoise(scores=scores, basis=None if scores is None else fit.pca.u, std=std)
         return stream_exact(kind, AxisMap(n, src, reader_noise=noise))
@@ -161,10 +159,13 @@ class RCSample(Operator):
         if fit is None:  # empirical: the gather wrote the atoms
             return AxisDraw(n, new, positions, None), atoms
         mixing = self.estimator.fit_pca(fit.pca).mixing(len(atoms), gen, atoms)
-        noise = {}
-        if mixing.sigma2 > 0 or self.estimator.uses_residual:
-            noise = {name: b.residual_std(fit.pca.rank) for name, b in fit.blocks.items()}
-        return AxisDraw(n, new, positions, mixing.dense(n), noise), atoms
+        return AxisDraw(n, new, positions, mixing.dense(n), self._residual_stds(fit)), atoms
+
+    def _residual_stds(self, fit: Any) -> dict[str, float]:
+        """The isotropic residual's std per source tensor (stored units), for estimators whose draws carry one."""
+        if not self.estimator.uses_residual:
+            return {}
+        return {name: b.residual_std(fit.pca.rank) for name, b in fit.blocks.items()}
 
     def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
         if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
