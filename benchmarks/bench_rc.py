@@ -92,15 +92,15 @@ def _loss(path: Path, val: torch.Tensor) -> tuple[float, dict[str, list[str]]]:
     return evaluate(model.eval(), val), {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys")}
 
 
-def _fit_trend(widths: list[float], gaps: list[float], resample_all: bool) -> dict[str, Any]:
+def _fit_trend(widths: list[float], gaps: list[float]) -> dict[str, Any]:
     """Least squares of log(gap) on log(width ratio k): gap ~ c k^b (if every gap is positive; else linear in
-    log2 k). Also the one-parameter fit gap = a v(k), v(k) the variance of a mean-field sum (n/N) sum_p f(x_p)
-    relative to the source's when N = kn: (k-1)/k^2 when n terms are kept and N - n drawn i.i.d. from the n atoms,
-    1/k when all N are drawn (empirical estimator; the reference a loss gap quadratic in the error would follow)."""
+    log2 k). Also the one-parameter fit gap = a v(k), v(k) = (k-1)/k^2 the variance of a mean-field sum
+    (n/N) sum_p f(x_p) relative to the source's when N = kn, n terms are kept and N - n drawn i.i.d. from the n atoms
+    (the reference a loss gap quadratic in the error would follow)."""
     from scipy import stats
 
     k, g = np.asarray(widths, dtype=float), np.asarray(gaps, dtype=float)
-    shape = 1 / k if resample_all else (k - 1) / k**2
+    shape = (k - 1) / k**2
     a = float((shape * g).sum() / (shape**2).sum())
     r2_shape = 1 - float(((g - a * shape) ** 2).sum() / ((g - g.mean()) ** 2).sum())
     ref = {"a_mf": a, "r2_mf": r2_shape}
@@ -122,22 +122,22 @@ def growth(args: argparse.Namespace) -> None:
         res: dict[str, Any] = {"source_loss": base, "runs": []}
         print(f"\n### {model}: source held-out loss {base:.4f}\n", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            configs = [("clone", None, False), ("net2net", None, False)] if args.baselines else []
-            configs += [("rc-sample", e, ra) for ra in (False, True) for e in args.estimators]
-            for method, estimator, resample_all in configs:
+            configs = [("clone", None, None), ("net2net", None, None)] if args.baselines else []
+            configs += [("rc-sample", e, s) for s in ("iid", "stratified") for e in args.estimators]
+            for method, estimator, sampling in configs:
                 for width in args.widths:
                     seeds = [0] if method == "clone" else list(range(args.seeds))
                     for seed in seeds:
-                        opts = {"estimator": estimator, "resample_all": resample_all} if estimator else None
+                        opts = {"estimator": estimator, "sampling": sampling} if estimator else None
                         t0 = time.time()
                         out = grow(src, Path(tmp) / "g", width=f"{width}x", method=method, seed=seed, quiet=True,
                                    overwrite=True, operator_options=opts)
                         secs = time.time() - t0
                         loss, info = _loss(out.out_dir, val)
-                        run = dict(method=method, estimator=estimator, resample_all=resample_all, width=width,
+                        run = dict(method=method, estimator=estimator, sampling=sampling, width=width,
                                    seed=seed, loss=loss, gap=loss - base, grow_seconds=secs, **info)
                         res["runs"].append(run)
-                        print(f"  {method:9s} {str(estimator):9s} all={int(resample_all)} {width}x seed {seed}: "
+                        print(f"  {method:9s} {str(estimator):9s} {str(sampling):10s} {width}x seed {seed}: "
                               f"loss {loss:.4f} (gap {loss - base:+.4f}) keys ok={not any(info.values())} "
                               f"{secs:.1f}s", flush=True)
         results[model] = res
@@ -162,30 +162,30 @@ def _growth_tables(results: dict[str, Any], widths: list[int]) -> None:
     for model, res in results.items():
         print(f"\n### {model}: held-out loss right after growth (source {res['source_loss']:.4f}); "
               "mean ± std over seeds of the gap to the source\n")
-        print("v(k) = (k-1)/k² for new-neuron draws, 1/k when all neurons are drawn (see _fit_trend).\n")
+        print("v(k) = (k-1)/k² (see _fit_trend).\n")
         print("| method | estimator | draws | " + " | ".join(f"{w}x gap" for w in widths)
               + " | power law gap = c k^b | gap = a v(k) |")
         print("|---|---|---|" + "---|" * len(widths) + "---|---|")
         groups: dict[tuple, list[dict[str, Any]]] = {}
         for r in res["runs"]:
-            groups.setdefault((r["method"], r["estimator"], r["resample_all"]), []).append(r)
-        for (method, estimator, ra), runs in groups.items():
+            groups.setdefault((r["method"], r["estimator"], r.get("sampling")), []).append(r)
+        for (method, estimator, sampling), runs in groups.items():
             cells = []
             for w in widths:
                 gaps = [r["gap"] for r in runs if r["width"] == w]
                 cells.append("-" if not gaps else f"{np.mean(gaps):+.4f} ± {np.std(gaps):.4f}" if len(gaps) > 1
                              else f"{gaps[0]:+.4f}")
             xs = [r["width"] for r in runs]
-            trend = _fit_trend(xs, [r["gap"] for r in runs], ra) if method == "rc-sample" and len(set(xs)) > 1 \
+            trend = _fit_trend(xs, [r["gap"] for r in runs]) if method == "rc-sample" and len(set(xs)) > 1 \
                 else None
             trend_text = "- | -" if trend is None else (
                 f"b = {trend['b']:+.2f} ± {trend['b_stderr']:.2f} (p {trend['p']:.2g}, R² {trend['r2']:.2f})"
                 f"{'' if trend['model'] == 'gap = c k^b' else ' [' + trend['model'] + ']'} | "
                 f"a = {trend['a_mf']:.2f}, R² {trend['r2_mf']:.2f}")
-            draws = "-" if method != "rc-sample" else ("all neurons" if ra else "new neurons")
+            draws = sampling or "-"
             print(f"| {method} | {estimator or '-'} | {draws} | " + " | ".join(cells) + f" | {trend_text} |")
             if trend is not None:
-                res.setdefault("trends", {})[f"{estimator}/{'all' if ra else 'new'}"] = trend
+                res.setdefault("trends", {})[f"{estimator}/{sampling}"] = trend
         bad = [r for r in res["runs"] if r["missing_keys"] or r["unexpected_keys"]]
         print(f"\nLoaded with transformers: {len(res['runs']) - len(bad)}/{len(res['runs'])} outputs without missing "
               "or unexpected keys.")

@@ -1,8 +1,11 @@
 """Axis maps x tensors -> new tensors: the only place that gathers, rescales and fills.
 
-A tensor's new value is its old value gathered along each resized axis, reader dimensions multiplied by the
-map's reader scale, fresh neurons filled (zeros on the side that keeps them silent, small random values on the other
-so they can train), optional symmetric noise on duplicated readers, and identity blocks' residual writers zeroed.
+A tensor's new value is its old value gathered along each resized axis; then noise on duplicated readers (symmetric
+noise asked with `noise_snr_db`, an operator's reader noise), made to sum to zero over each neuron's copies so the
+function is unchanged; then reader dimensions multiplied by the map's reader scale and, on RMSNorm families, residual
+writers by the hidden map's writer scale and hidden norm gains divided by it; fresh neurons filled (zeros on the side
+that keeps them silent, small random values on the other so they can train), and identity blocks' residual writers
+zeroed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class _DimPlan:
 
     group: torch.Tensor  # flattened source index along the dim, -1 where any factor is fresh
     scale: torch.Tensor  # product of the factors' reader scales
+    writer: torch.Tensor  # product of the factors' writer scales
     zero: torch.Tensor  # fresh positions this dim's role keeps at zero
     rand: torch.Tensor  # fresh positions this dim's role fills with small random values
 
@@ -64,13 +68,16 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
     x = x.reshape(lead + sizes + trail)
     group = torch.zeros(1, dtype=torch.long)
     scale = torch.ones(1)
+    writer = torch.ones(1)
     fresh = torch.zeros(1, dtype=torch.bool)
     zero_side = torch.zeros(1, dtype=torch.bool)
     for k, (size, m) in enumerate(zip(sizes, maps)):
         if m is None:
             src, f, s, z = torch.arange(size), torch.zeros(size, dtype=torch.bool), torch.ones(size), False
+            w = torch.ones(size)
         else:
             src, f, s = m.src, m.fresh, m.reader_scale()
+            w = m.writer if m.writer is not None else torch.ones(m.new)
             z = m.fresh_zero_side == dim.role
             if not (m.new == m.old and bool(torch.equal(src, torch.arange(m.old)))):  # identity: nothing to move
                 x = x.index_select(len(lead) + k, src.clamp(min=0))
@@ -79,6 +86,7 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
         fresh_k = (fresh[:, None] | f[None, :]).reshape(-1)
         zero_side = (zero_side[:, None] | (f & torch.tensor(z))[None, :]).reshape(-1)
         fresh, scale = fresh_k, (scale[:, None] * s[None, :]).reshape(-1)
+        writer = (writer[:, None] * w[None, :]).reshape(-1)
     total = 1
     for s in new_sizes:
         total *= s
@@ -90,7 +98,7 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
         gated = _gated_positions(dim, new_sizes, is_weight)
         zero = zero_side & ~gated
         rand = fresh & ~zero
-    return x, _DimPlan(group=group, scale=scale, zero=zero, rand=rand)
+    return x, _DimPlan(group=group, scale=scale, writer=writer, zero=zero, rand=rand)
 
 
 _CHUNK = 1 << 20
@@ -128,31 +136,66 @@ def _along(v: torch.Tensor, dim_index: int, ndim: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
-def _symmetric_noise(x: torch.Tensor, dim_index: int, group: torch.Tensor, std: float,
-                     gen: torch.Generator) -> torch.Tensor:
-    """Noise that sums to zero over every set of copies of one source reader, so the layer's output is unchanged.
+def _zero_sum(noise: torch.Tensor, dim_index: int, group: torch.Tensor) -> torch.Tensor:
+    """`noise` (changed in place) made to sum to zero over every set of copies of one source reader, so the layer's
+    output is unchanged: each copy loses the mean of its set and is multiplied by sqrt(m / (m - 1)), which gives it
+    back the variance it was drawn with (two copies become an exact +d / -d pair). A lone copy or a fresh position
+    cannot move without changing the function: it gets none.
 
-    Worked along `dim_index` in place (no moved, non-contiguous copies): the sums over copies, their means and the
-    centring are the same arithmetic in the same order as a per-group loop would do.
+    Worked along `dim_index` in place (no moved, non-contiguous copies), in the same order whatever the thread count.
     """
-    noise = torch.randn(x.shape, generator=gen).mul_(std)
     valid = group >= 0
     g = group.clamp(min=0)
     n_groups = int(g.max()) + 1 if g.numel() else 0
-    ndim = x.dim()
-    shape = list(x.shape)
+    ndim = noise.dim()
+    shape = list(noise.shape)
     shape[dim_index] = n_groups
     if bool(valid.all()):
         sums = torch.zeros(shape).index_add_(dim_index, g, noise)
     else:
         idx = valid.nonzero().reshape(-1)
         sums = torch.zeros(shape).index_add_(dim_index, g[idx], noise.index_select(dim_index, idx))
-    counts = torch.bincount(g[valid], minlength=n_groups).to(x.dtype)
+    counts = torch.bincount(g[valid], minlength=n_groups).to(noise.dtype)
     sums.div_(_along(counts.clamp(min=1), dim_index, ndim))  # now the mean over each group's copies
     noise.sub_(sums.index_select(dim_index, g))
-    silent = ~valid | (counts[g] < 2)  # fresh, or a lone copy, which cannot move without changing the function
-    if bool(silent.any()):
-        noise.index_fill_(dim_index, silent.nonzero().reshape(-1), 0.0)
+    m = counts[g]
+    factor = torch.where(valid & (m >= 2), (m / (m - 1).clamp(min=1)).sqrt(), 0.0)
+    return noise.mul_(_along(factor, dim_index, ndim))
+
+
+def _first_copies(m: AxisMap) -> torch.Tensor:
+    """For each source neuron, the first new position that copies it (every source neuron must be copied)."""
+    kept = (~m.fresh).nonzero().reshape(-1)
+    first = torch.full((m.old,), m.new, dtype=torch.long).scatter_reduce_(0, m.src[kept], kept, "amin")
+    if bool((first == m.new).any()):
+        raise ValueError("reader noise needs every source neuron copied at least once")
+    return first
+
+
+def _reader_noise(x: torch.Tensor, dim_index: int, new_sizes: list[int], maps: list[AxisMap | None],
+                  src_name: str, gen: torch.Generator) -> torch.Tensor | None:
+    """The operators' reader noise along one gathered dimension (before zero-summing), or None when there is none.
+
+    A `ReaderNoise` with offsets perturbs each new position by a combination of the source neurons' slices, read off
+    the gathered tensor at each source neuron's first copy; with `std`, by independent noise of that tensor's size.
+    """
+    lead, trail = list(x.shape[:dim_index]), list(x.shape[dim_index + 1:])
+    noise: torch.Tensor | None = None
+    for k, m in enumerate(maps):
+        rn = m.reader_noise if m is not None else None
+        if rn is None:
+            continue
+        assert m is not None
+        part = torch.zeros(x.shape)
+        if rn.scores is not None and rn.basis is not None:
+            xf = x.reshape(lead + new_sizes + trail).movedim(len(lead) + k, -1)
+            block = xf.index_select(xf.dim() - 1, _first_copies(m)).to(torch.float64)
+            offsets = (block @ rn.basis) @ rn.scores.T  # (..., new): each position's combination of source slices
+            part += offsets.to(torch.float32).movedim(-1, len(lead) + k).reshape(x.shape)
+        std = rn.std.get(src_name, 0.0)
+        if std > 0:
+            part += torch.randn(x.shape, generator=gen) * std
+        noise = part if noise is None else noise + part
     return noise
 
 
@@ -166,11 +209,13 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
         raise ValueError(f"{spec.name}: expected {len(spec.dims)} dims, got shape {tuple(x.shape)}")
     source = x
     plans: list[_DimPlan] = []
+    dim_maps: list[list[AxisMap | None]] = []
     for i, dim in enumerate(spec.dims):
         sizes = [axis_sizes[a] for a in dim.axes]
         factor_maps = [maps.get(a, layer) for a in dim.axes]
         x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.kind == "weight")
         plans.append(plan)
+        dim_maps.append(factor_maps)
     # Gathering made a new tensor unless every map was the identity; only a tensor of our own is changed in place
     # (in-place arithmetic on a multi-hundred-MB tensor saves both the copy and the page faults of a new one).
     owned = x.numel() == 0 or x.untyped_storage().data_ptr() != source.untyped_storage().data_ptr()
@@ -180,26 +225,39 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
         if not owned:
             x, owned = x.clone(), True
 
-    ndim = x.dim()
-    for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
-        if dim.role == "in" or (spec.final_norm and opts.tied and HIDDEN in dim.axes):
-            if not bool((plan.scale == 1).all()):  # multiplying by exactly 1 changes no bit
-                own()
-                x.mul_(_along(plan.scale, i, ndim))
-        if dim.role == "elem" and spec.kind == "norm_weight" and opts.rms_norm and HIDDEN in dim.axes:
-            ratio = maps.hidden.stream_energy_ratio()
-            if ratio != 1.0:
-                own()
-                x.mul_(ratio**0.5)
-
+    # Reader noise goes on before the rescale, so it is scaled with the values it perturbs: its signal-to-noise ratio
+    # is the one asked, whatever each copy's multiplicity.
     std: float | None = None
-    if opts.noise_snr_db is not None:
-        std = stable_std(source)
-        if std > 0:
-            gen = generator_for(opts.seed, "noise", spec.at(layer))
-            for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
-                if dim.role == "in":
-                    x, owned = x + _symmetric_noise(x, i, plan.group, std * 10 ** (-opts.noise_snr_db / 20), gen), True
+    src_name = spec.at(None if layer is None else maps.layer_src[layer])
+    for i, (dim, plan, factor_maps) in enumerate(zip(spec.dims, plans, dim_maps)):
+        if dim.role != "in":
+            continue
+        new_sizes = [m.new if m is not None else axis_sizes[a] for a, m in zip(dim.axes, factor_maps)]
+        noise = _reader_noise(x, i, new_sizes, factor_maps, src_name,
+                              generator_for(opts.seed, "reader-noise", spec.at(layer), i))
+        if opts.noise_snr_db is not None:
+            std = stable_std(source) if std is None else std
+            if std > 0:
+                asked = torch.randn(x.shape, generator=generator_for(opts.seed, "noise", spec.at(layer)))
+                asked.mul_(std * 10 ** (-opts.noise_snr_db / 20))
+                noise = asked if noise is None else noise.add_(asked)
+        if noise is not None:
+            x, owned = x + _zero_sum(noise, i, plan.group), True
+
+    ndim = x.dim()
+    rms_stream = opts.rms_norm and maps.hidden.writer is not None
+    for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
+        factor = torch.ones(plan.scale.shape)
+        if dim.role == "in" or (spec.final_norm and opts.tied and HIDDEN in dim.axes):
+            factor = factor * plan.scale
+        if rms_stream and HIDDEN in dim.axes:
+            if dim.role == "out":  # a residual writer: embedding column, o_proj / down_proj row or bias
+                factor = factor * plan.writer
+            elif spec.kind == "norm_weight":  # a gain on the stream; a tied head also reads the scaled embedding
+                factor = factor / (plan.writer**2 if spec.final_norm and opts.tied else plan.writer)
+        if not bool((factor == 1).all()):  # multiplying by exactly 1 changes no bit
+            own()
+            x.mul_(_along(factor, i, ndim))
 
     # Fresh positions: full-size masks only for tensors that have any (clone and net2net never do).
     fresh = x.numel() > 0 and any(bool(p.rand.any()) or bool(p.zero.any()) or (d.role == "elem" and bool((p.group < 0).any()))

@@ -101,7 +101,8 @@ def grow_command(
     noise_snr_db: Annotated[Optional[float], Opt("--noise-snr-db", help="Symmetric noise on cloned readers "
                                                  "(signal-to-noise in dB); keeps the function exact")] = None,
     estimator: EstimatorOpt = None,
-    resample_all: Annotated[bool, Opt("--resample-all", help="rc-sample: draw every neuron, not only new ones")] = False,
+    sampling: Annotated[Optional[str], Opt(help="rc-sample: how extra neurons' atoms are drawn, iid | stratified "
+                                           "(systematic: each atom floor or ceil of the average count)")] = None,
     seed: SeedOpt = 0,
     dtype: DtypeOpt = None,
     max_shard_size: ShardSizeOpt = "5GB",
@@ -115,8 +116,7 @@ def grow_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Grow a checkpoint in width and/or depth, streamed tensor by tensor into a new Hugging Face checkpoint."""
-    operator_options = {k: v for k, v in dict(estimator=estimator, resample_all=resample_all or None).items()
-                        if v is not None}
+    operator_options = {k: v for k, v in dict(estimator=estimator, sampling=sampling).items() if v is not None}
     options = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
                    depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed, dtype=dtype,
                    max_shard_size=max_shard_size, overwrite=overwrite, base_model=base_model,

@@ -1,18 +1,34 @@
 """Axis maps: what an operator decides for every axis, before any weight is touched.
 
-For each new position of an axis, a map gives the source neuron it copies (`src`, or -1 for a fresh neuron) and the
-factor its reader (fan-in) entries are multiplied by. A clone by k is `src = i mod n`, scale 1/k; shrinking is a
-subset; sampling from a fitted measure is a random `src` plus whatever the operator adds in its own `adjust` step.
+For each new position of an axis, a map gives the source neuron it copies (`src`, or -1 for a fresh neuron), the
+factor its reader (fan-in) entries are multiplied by and, on the residual stream, the factor its writers are
+multiplied by (`writer`). A clone by k is `src = i mod n`, reader scale 1/k; shrinking is a subset; a map with
+uneven multiplicities stays exact under RMSNorm with `exact_writers()`; `reader_noise` is noise an operator wants on
+the copies' readers, cancelling over each neuron's copies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
 from growkit.arch.spec import GROWABLE, HIDDEN, PER_LAYER
+
+
+@dataclass(frozen=True)
+class ReaderNoise:
+    """Noise an operator adds to the readers of an axis's copies, made to sum to zero over each neuron's copies.
+
+    `offsets`: each new position's noise as a combination of the source neurons' reader slices, in low-rank form
+    `scores @ basis.T` ((new, r) x (old, r)), so the same draw perturbs every reader tensor of the axis coherently.
+    `std`: independent noise per entry, by source tensor name, in the stored tensor's units.
+    """
+
+    scores: torch.Tensor | None = None
+    basis: torch.Tensor | None = None
+    std: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -28,6 +44,10 @@ class AxisMap:
     src: torch.Tensor
     scale: torch.Tensor | None = None
     fresh_zero_side: Literal["out", "in"] = "out"
+    #: per-position multiplier of residual writers (embedding column, o_proj/down_proj rows and biases); the hidden
+    #: axis's norm gains are divided by it. Applied on RMSNorm families only; None: 1.
+    writer: torch.Tensor | None = None
+    reader_noise: ReaderNoise | None = None
 
     def __post_init__(self) -> None:
         self.src = torch.as_tensor(self.src, dtype=torch.long)
@@ -47,7 +67,8 @@ class AxisMap:
         return self.src < 0
 
     def is_identity(self) -> bool:
-        return self.new == self.old and self.scale is None and bool(torch.equal(self.src, torch.arange(self.old)))
+        return (self.new == self.old and self.scale is None and self.writer is None and self.reader_noise is None
+                and bool(torch.equal(self.src, torch.arange(self.old))))
 
     def multiplicity(self) -> torch.Tensor:
         """How many new positions copy each new position's source (1 for fresh neurons)."""
@@ -58,12 +79,16 @@ class AxisMap:
         """Multiplier of each new position's reader entries: 1/multiplicity unless the operator chose another."""
         return self.scale if self.scale is not None else 1.0 / self.multiplicity().to(torch.float32)
 
-    def stream_energy_ratio(self) -> float:
-        """Mean square of a vector mapped by this axis over the source's, for the uniform maps where it is constant.
+    def exact_writers(self) -> "AxisMap":
+        """This map with the writer scale that keeps an RMS-normalised stream exact: a_i = sqrt(k / m_i), k = new/old.
 
-        Zero-padded residual streams under RMSNorm need gains times sqrt(ratio) and eps times ratio to stay exact.
+        Each of the m_i copies of neuron i carries a_i x_i, so the copies' squares sum to k x_i^2, the stream's mean
+        square (and so eps) is unchanged, and each copy normalised and multiplied by its gain / a_i equals the source's.
+        Fresh (zero-written) positions count in `new` but carry nothing; uniform m_i = k gives a_i = 1 (clone).
         """
-        return float((~self.fresh).sum()) / self.new
+        m = self.multiplicity().to(torch.float64)
+        a = torch.where(self.fresh, 1.0, (self.new / self.old / m).sqrt()).to(torch.float32)
+        return replace(self, writer=None if bool((a == 1).all()) else a)
 
 
 @dataclass

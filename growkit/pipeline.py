@@ -211,11 +211,8 @@ def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], 
     several candidate maps, such as subclone's `rescale="auto"`, builds each candidate through this)."""
     with config_errors(ckpt.source):
         config = family.rewrite_config(ckpt.config, plan.target, maps.layer_src)
-        ratio = maps.hidden.stream_energy_ratio()
-        if family.norm == "rms" and ratio != 1.0 and family.norm_eps_key in config:
-            config[family.norm_eps_key] = float(config[family.norm_eps_key]) * ratio
     problem = config_problem(family, config)
-    if problem is not None:  # the plan's config passed; this one differs only by the layer map and the norm eps
+    if problem is not None:  # the plan's config passed; this one differs only by the layer map
         raise GrowkitError(f"{ckpt.source}: the {plan.direction} would write a config that does not load: {problem}")
     opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed,
                         noise_snr_db=noise_snr_db)

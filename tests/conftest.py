@@ -27,6 +27,8 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "mistral": lambda: T.MistralConfig(num_attention_heads=4, num_key_value_heads=2, **llama),
         "qwen2": lambda: T.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **llama),
         "qwen3": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **llama),
+        "qwen3-tied": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            tie_word_embeddings=True, **llama),
     }[name]()
 
 

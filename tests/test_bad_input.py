@@ -275,6 +275,14 @@ def unwritable_output_dir(root: Path, gpt2: Path, llama: Path) -> Case:
 
 CASES.append(unwritable_output_dir)
 
+
+def unknown_sampling(root: Path, gpt2: Path, llama: Path) -> Case:
+    return Case(["grow", llama, "-o", root / "out-sampling", "--width", "2x", "--method", "rc-sample", "--sampling",
+                 "sobol"], root / "out-sampling", [llama, "unknown sampling 'sobol'", "iid, stratified"])
+
+
+CASES.append(unknown_sampling)
+
 # Runs that must succeed, done in the same concurrent batch (checked by the opt-in tests below).
 OPT_INS = {
     "allow_pickle": lambda root, src: ["grow", src["pickled"], "-o", root / "ok-pickle", "--width", "2x",

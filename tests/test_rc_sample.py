@@ -1,5 +1,6 @@
-"""The rc-sample operator: loads in transformers, deterministic per seed, coherent across tensors, mean-field
-scaled, kept neurons untouched, shrinking by sampling, expected pre-activations preserved."""
+"""The rc-sample operator: loads in transformers, deterministic per seed, every source neuron kept, extra atoms drawn
+i.i.d. or stratified, the estimators' spread as reader noise that is one draw in every tensor and cancels over each
+atom's copies, shrinking by sampling."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from growkit import grow
-from growkit.arch.spec import FFN, HIDDEN
+from growkit.arch.spec import HIDDEN
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.cli import app
 from growkit.measure.features import axis_features, tensor_items
@@ -38,16 +39,17 @@ def test_deterministic_per_seed(tiny, tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = grow(src, tmp_path / name, width="2x", method="rc-sample", seed=seed, quiet=True,
-                   operator_options={"estimator": "gaussian", "resample_all": True}).out_dir
+                   operator_options={"estimator": "gaussian"}).out_dir
         runs[name] = load_file(out / "model.safetensors")
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert any(not torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
 
 
-def _grow(path, estimator, resample_all=False, direction="grow", seed=0, **sizes):
+def _grow(path, estimator, sampling=None, direction="grow", seed=0, **sizes):
     ckpt = load_checkpoint(path)
-    growth = plan_growth(ckpt, method="rc-sample", seed=seed, direction=direction,
-                         operator_options={"estimator": estimator, "resample_all": resample_all}, **sizes)
+    options = {"estimator": estimator} if sampling is None else {"estimator": estimator, "sampling": sampling}
+    growth = plan_growth(ckpt, method="rc-sample", seed=seed, direction=direction, operator_options=options,
+                         **sizes)
     out = {entry.name: t for entry, t in grown_tensors(growth, torch.float32)}
     return ckpt, growth, out
 
@@ -66,56 +68,70 @@ def _hidden_slices(ckpt, growth, out):
         yield name, fx, fy, (src.hidden / dst.hidden if reads else 1.0)
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "gpt2-untied"])
-def test_a_sampled_neuron_is_the_same_draw_in_every_tensor(tiny, family):
-    """kde, hidden axis only: every tensor's new hidden slices are the draw's weights applied to the source
-    slices (times n/N where the tensor reads hidden); kept neurons are the source, rescaled."""
-    sizes = {"hidden": 64} if family.startswith("llama") else {"hidden": 64, "heads": 8}
-    ckpt, growth, out = _grow(tiny(family), "kde", **sizes)
-    draw = growth.operator.draws[(HIDDEN, None)]
-    assert draw.positions.tolist() == list(range(32, 64))
-    checked = 0
-    for name, fx, fy, scale in _hidden_slices(ckpt, growth, out):
-        if fy.shape[1] != fx.shape[1]:
-            continue  # the tensor also spans another grown axis (gpt2 heads); covered by the crossing test
-        assert torch.allclose(fy[:32], fx * scale, atol=1e-6), name
-        assert torch.allclose(fy[32:], draw.weights @ fx * scale, atol=1e-5), name
-        checked += 1
-    assert checked >= 8
-    assert growth.config.get("rms_norm_eps", 1e-6) == ckpt.config.get("rms_norm_eps", 1e-6)  # not zero-padding
+def _zero_sum_rows(d, src):
+    """Rows of `d` minus their mean over each atom's copies, times sqrt(m / (m - 1)); lone copies zero."""
+    m = torch.bincount(src)[src].double()
+    mean = torch.zeros(int(src.max()) + 1, d.shape[1], dtype=d.dtype).index_add_(0, src, d) / torch.bincount(
+        src).double()[:, None]
+    factor = torch.where(m >= 2, (m / (m - 1).clamp(min=1)).sqrt(), 0.0)
+    return (d - mean[src]) * factor[:, None]
 
 
-def test_gaussian_adds_independent_residual_noise_of_the_fitted_size(tiny):
+@pytest.mark.parametrize("sampling", ["iid", "stratified"])
+def test_every_source_neuron_is_kept_and_extra_atoms_are_drawn(tiny, sampling):
+    ckpt, growth, out = _grow(tiny("llama-mha"), "empirical", sampling=sampling, hidden=80, ffn=96)
+    for m in (growth.maps.hidden, growth.maps.per_layer[("ffn", 0)]):
+        n = m.old
+        assert torch.equal(m.src[:n], torch.arange(n))
+        counts = torch.bincount(m.src, minlength=n)
+        if sampling == "stratified":  # systematic: each atom floor or ceil of the average count
+            assert set(counts.tolist()) <= {m.new // n, m.new // n + 1}
+    # the empirical draw is plain copies: every grown embedding column is its atom's, times its writer scale
+    emb = out["model.embed_tokens.weight"].double() / growth.maps.hidden.writer.double()
+    assert torch.allclose(emb, ckpt.get("model.embed_tokens.weight").double()[:, growth.maps.hidden.src], rtol=1e-6)
+
+
+def test_stratified_at_an_integer_ratio_is_a_clone_up_to_order(tiny):
+    ckpt, growth, out = _grow(tiny("llama-mha"), "empirical", sampling="stratified", hidden=96)
+    assert torch.equal(torch.bincount(growth.maps.hidden.src), torch.full((32,), 3))
+    assert growth.maps.hidden.writer is None  # uniform multiplicity k: a_i = 1
+
+
+def test_kde_noise_is_one_draw_in_every_reader_tensor_and_cancels(tiny):
+    """kde, hidden axis only: each reader tensor's grown hidden columns are (atom + d_j) / m_j, where d is the same
+    zero-summed combination of source neurons in every tensor; writers are the plain atoms."""
+    ckpt, growth, out = _grow(tiny("llama-mha"), "kde", hidden=72)
+    m = growth.maps.hidden
+    noise = m.reader_noise
+    assert noise is not None and noise.scores is not None
+    d = _zero_sum_rows(noise.scores @ noise.basis.T, m.src)  # (new, old) combinations of source neurons
+    mult = torch.bincount(m.src)[m.src].double()
+    readers = 0
+    for name, fx, fy, _ in _hidden_slices(ckpt, growth, out):
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight",
+                          "lm_head.weight")):
+            expected = (fx[m.src] + d @ fx) / mult[:, None]
+            assert torch.allclose(fy, expected, atol=1e-5), name
+            summed = torch.zeros_like(fx).index_add_(0, m.src, fy)  # the copies together read what the source read
+            assert torch.allclose(summed, fx, atol=1e-5), name
+            readers += 1
+    assert readers == 11
+    assert float(d.abs().max()) > 0.05
+    emb = ckpt.get("model.embed_tokens.weight")[:, m.src] * m.writer  # a writer: the plain atoms, scaled
+    assert torch.allclose(out["model.embed_tokens.weight"], emb, rtol=1e-6, atol=0)
+
+
+def test_gaussian_adds_residual_noise_of_the_fitted_size_to_readers(tiny):
     ckpt, growth, out = _grow(tiny("llama-mha"), "gaussian", hidden=128)
-    draw = growth.operator.draws[(HIDDEN, None)]
+    m = growth.maps.hidden
+    mult = torch.bincount(m.src)[m.src].double()
     ratios = []
-    for name, fx, fy, scale in _hidden_slices(ckpt, growth, out):
-        residual = fy[32:] - draw.weights @ fx * scale
-        expected = draw.noise[name] * scale
-        if residual.numel() >= 2000:
+    for name, fx, fy, _ in _hidden_slices(ckpt, growth, out):
+        expected = m.reader_noise.std.get(name, 0.0)
+        residual = fy * mult[:, None] - fx[m.src]
+        if name.endswith(("q_proj.weight", "gate_proj.weight", "up_proj.weight")) and residual.numel() >= 2000:
             ratios.append(float(residual.std()) / expected)
     assert len(ratios) >= 5 and all(0.9 < r < 1.1 for r in ratios), ratios
-
-
-def test_crossing_of_two_new_axes_mixes_both_draws(tiny):
-    """In a matrix where hidden and ffn both grow, the new x new block is the ffn draw applied to the hidden draw."""
-    ckpt, growth, out = _grow(tiny("llama-mha"), "kde", width="2x")
-    h = growth.operator.draws[(HIDDEN, None)].weights
-    f = growth.operator.draws[(FFN, 0)].weights
-    up = ckpt.get("model.layers.0.mlp.up_proj.weight").double()  # [ffn out, hidden in]
-    grown = out["model.layers.0.mlp.up_proj.weight"].double()
-    assert torch.allclose(grown[48:, 32:], f @ up @ h.T * 0.5, atol=1e-5)
-    assert torch.allclose(grown[:48, :32], up * 0.5, atol=1e-6)
-
-
-def test_resample_all_draws_every_neuron(tiny):
-    ckpt, growth, out = _grow(tiny("llama-mha"), "empirical", resample_all=True, hidden=64)
-    draw = growth.operator.draws[(HIDDEN, None)]
-    assert draw.positions.tolist() == list(range(64))
-    emb_src, emb = ckpt.get("model.embed_tokens.weight"), out["model.embed_tokens.weight"]
-    atoms = draw.weights.argmax(1)
-    assert torch.equal(emb, emb_src[:, atoms])  # every column is an atom, kept ones included
-    assert not torch.equal(emb[:, :32], emb_src)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -150,45 +166,42 @@ def test_identity_depth_blocks_stay_exact_zero_writers(tiny):
     assert float(out["model.layers.1.self_attn.o_proj.weight"].abs().max()) == 0.0
 
 
-def test_expected_ffn_map_is_preserved(tiny):
-    """Empirical draws, ffn 48 -> 192: averaged over seeds, sum_p down[:, p] up[p, :] is the source's."""
+def test_ffn_map_is_preserved_exactly_for_every_seed(tiny):
+    """Empirical draws, ffn 48 -> 120: sum_p down[:, p] up[p, :] is the source's, not only in expectation."""
     path = tiny("llama-mha")
     ckpt = load_checkpoint(path)
-    down, up = ckpt.get("model.layers.0.mlp.down_proj.weight"), ckpt.get("model.layers.0.mlp.up_proj.weight")
-    source = down @ up
-    mean = torch.zeros_like(source)
-    seeds = 40
-    for seed in range(seeds):
-        _, _, out = _grow(path, "empirical", seed=seed, ffn=192)
-        mean += out["model.layers.0.mlp.down_proj.weight"] @ out["model.layers.0.mlp.up_proj.weight"] / seeds
-    one_seed = out["model.layers.0.mlp.down_proj.weight"] @ out["model.layers.0.mlp.up_proj.weight"]
-    err_mean = float(torch.linalg.norm(mean - source) / torch.linalg.norm(source))
-    err_one = float(torch.linalg.norm(one_seed - source) / torch.linalg.norm(source))
-    assert err_mean < 0.1 and err_mean < err_one / 3, (err_mean, err_one)
+    source = ckpt.get("model.layers.0.mlp.down_proj.weight") @ ckpt.get("model.layers.0.mlp.up_proj.weight")
+    for seed in range(3):
+        _, _, out = _grow(path, "empirical", seed=seed, ffn=120)
+        grown = out["model.layers.0.mlp.down_proj.weight"] @ out["model.layers.0.mlp.up_proj.weight"]
+        assert torch.allclose(grown, source, atol=1e-6)
 
 
 def test_cli_grow_with_rc_sample(tiny, tmp_path):
     runner = CliRunner()
     out = tmp_path / "cli"
     result = runner.invoke(app, ["grow", str(tiny("gpt2")), "--out", str(out), "--width", "2x", "--method",
-                                 "rc-sample", "--estimator", "gaussian", "--resample-all", "--seed", "3", "-q"])
+                                 "rc-sample", "--estimator", "gaussian", "--sampling", "stratified", "--seed", "3",
+                                 "-q"])
     assert result.exit_code == 0, result.output
     prov = json.loads((out / "growkit.json").read_text())
     assert prov["operator"] == "rc-sample"
-    assert prov["options"]["estimator"] == "gaussian" and prov["options"]["resample_all"] is True
+    assert prov["options"]["estimator"] == "gaussian" and prov["options"]["sampling"] == "stratified"
 
 
-def test_unknown_estimator_fails_before_reading(tiny):
+def test_unknown_estimator_or_sampling_fails_before_reading(tiny):
     from growkit.errors import GrowkitError
 
     with pytest.raises(GrowkitError, match="unknown estimator 'parzen'"):
         get_operator("rc-sample", estimator="parzen")
+    with pytest.raises(GrowkitError, match="unknown sampling 'sobol'"):
+        get_operator("rc-sample", sampling="sobol")
 
 
 def test_axes_that_keep_their_size_are_untouched(tiny, tmp_path):
     """Depth-only growth has nothing to sample: with identity blocks the output is exactly the source function."""
     op = get_operator("rc-sample")
-    assert op.estimator_name == "empirical" and not op.resample_all
+    assert op.estimator_name == "empirical" and op.sampling == "iid"
     result = grow(tiny("llama-gqa4"), tmp_path / "deep", layers="2x", depth_method="identity", method="rc-sample",
-                  verify=True, quiet=True, operator_options={"resample_all": True})
+                  verify=True, quiet=True, operator_options={"estimator": "kde"})
     assert result.provenance["verification"]["max_abs_dlogits"] < 1e-5

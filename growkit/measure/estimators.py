@@ -197,6 +197,12 @@ class Estimator:
     def _mix(self, pca: NeuronPCA, atoms: torch.Tensor, gen: torch.Generator) -> Mixing:
         raise NotImplementedError
 
+    def around_atoms(self, m: int, gen: torch.Generator) -> torch.Tensor | None:
+        """`m` draws of the measure's spread around an atom, as principal scores `(m, r)` (the offset of a draw from
+        its atom is `scores @ pca.u.T` in neuron space); None when the measure has no such spread in the PCA space
+        (the atoms themselves, or a spread that is only the isotropic residual)."""
+        return None
+
     def sample(self, m: int, gen: torch.Generator, chunk: int = 4096) -> torch.Tensor:
         """`m` explicit feature vectors drawn from the measure fitted by `fit` (in chunks, to bound memory)."""
         if self._x is None:
@@ -249,11 +255,18 @@ class KDE(Estimator):
 
     def _mix(self, pca: NeuronPCA, atoms: torch.Tensor, gen: torch.Generator) -> Mixing:
         weights = torch.nn.functional.one_hot(atoms, pca.n).to(torch.float64)
-        if pca.rank:
-            # kernel step V_r diag(h sqrt(var)) z = X_c^T U_r (h / sqrt(n-1)) z
-            z = torch.randn(len(atoms), pca.rank, generator=gen, dtype=torch.float64)
-            weights = weights + (self.bandwidth() / math.sqrt(pca.n - 1)) * z @ pca.u.T
+        scores = self.around_atoms(len(atoms), gen)
+        if scores is not None:
+            weights = weights + scores @ pca.u.T
         return Mixing(atoms=atoms, weights=weights, sigma2=0.0)
+
+    def around_atoms(self, m: int, gen: torch.Generator) -> torch.Tensor | None:
+        pca = self._fitted()
+        if not pca.rank:
+            return None
+        # kernel step V_r diag(h sqrt(var)) z = X_c^T U_r (h / sqrt(n-1)) z
+        z = torch.randn(m, pca.rank, generator=gen, dtype=torch.float64)
+        return (self.bandwidth() / math.sqrt(pca.n - 1)) * z
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
         pca = self._fitted()

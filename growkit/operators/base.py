@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from growkit.arch.spec import PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.arch.spec import HIDDEN, PER_LAYER, QGROUP, Family, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps
@@ -48,6 +48,13 @@ class Operator:
     def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
         """Last word on a grown tensor; the identity for operators whose maps say everything."""
         return tensor
+
+
+def stream_exact(kind: str, m: AxisMap) -> AxisMap:
+    """A growth map of the residual stream (`hidden`) gets the writer scale that keeps RMSNorm exact at any
+    multiplicity (`AxisMap.exact_writers`); maps of other axes are returned as they are (their readers' 1/m is
+    already exact inside a block)."""
+    return m.exact_writers() if kind == HIDDEN else m
 
 
 def fresh_side(kind: str) -> str:

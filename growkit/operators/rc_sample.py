@@ -1,21 +1,26 @@
-"""`rc-sample`: new neurons drawn i.i.d. from each axis's fitted neuron measure, with mean-field fan-in scaling.
+"""`rc-sample`: new neurons drawn from each axis's fitted neuron measure, transferred exactly.
 
-For every resized axis instance the operator fits the measure of its source neurons (`growkit.measure`), then draws
-the neurons the target needs: by default every source neuron is kept and only the new ones are drawn; with
-`resample_all` (and always when shrinking) every target neuron is a draw. A draw is a combination of source
-neurons (`weights`), the same for the neuron's slice of every tensor that touches the axis, plus, for `gaussian`,
-independent residual noise: that is what makes a sampled neuron coherent across the network.
+RC / mean-field reading: a network of width n is an n-point sample of per-axis neuron measures, and a wider one is a
+larger sample. Growing keeps the n-point sample the source *is* (every source neuron at least once) and draws the
+N - n extra neurons' atoms from the fitted measure (`sampling`: i.i.d., or stratified/systematic, which spreads the
+draws evenly over the atoms). The estimator decides which neurons exist; a correction makes the transfer exact:
+each copy's readers are divided by its atom's multiplicity m_i (the copies together read what the source neuron
+read), and on the residual stream each copy's writers are multiplied by sqrt(k / m_i), k = N / n, and its norm
+gains divided alike, so an RMSNorm sees the source's statistics at any multiplicity (`AxisMap.exact_writers`).
 
-Every reader (fan-in) entry of an axis that goes from n to N neurons is multiplied by n/N, for kept and drawn
-neurons alike: a downstream pre-activation sums N terms instead of n, each drawn from the same measure, so its
-expectation is unchanged. The function is preserved in expectation, not exactly.
+`empirical` draws plain atoms: the grown model is the source function exactly. `kde` and `gaussian` add their
+spread around the drawn atoms to the copies' readers: `kde` its kernel step (a combination of source neurons, so
+the same draw in every reader tensor of the axis), `gaussian` its isotropic residual (independent per entry, of each
+tensor's fitted size). The noise is made to sum to zero over each atom's copies (a +d / -d pair for two copies) in
+`growkit.apply`, so it cancels in every layer's output and the function is still preserved, while the copies are
+no longer symmetric and train apart.
 
-How tensors get their values: the axis maps keep the source neurons at positions 0..n-1 (so the gathered tensor
-still holds the scaled source there) and point new positions at their atoms; `adjust` then overwrites the drawn
-positions axis by axis in a fixed order (hidden, kv heads, query groups, FFN), each step mixing the current
-tensor's source block along that axis, so a block where two new axes cross mixes the already-drawn values. When
-shrinking, the gathered tensor no longer holds every source neuron, so `adjust` re-reads the source tensor and
-works on [source block | target block] along each axis, then keeps the target block.
+Shrinking draws the target's atoms without replacement (stratified: evenly spaced) and, for `kde`/`gaussian`,
+replaces them with draws around them, as combinations of source neurons plus residual noise. Every reader entry is
+multiplied by n/N (mean-field fan-in scaling). Since a shrunk tensor no longer holds every source neuron, `adjust`
+re-reads the source tensor and works on [source block | target block] along each axis (in a fixed order: hidden, kv
+heads, query groups, FFN, so a block where two axes cross mixes the already-drawn values), then keeps the target
+block.
 """
 
 from __future__ import annotations
@@ -28,21 +33,23 @@ import torch
 from growkit.apply import ApplyOptions, apply_tensor, generator_for
 from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
-from growkit.maps import AxisMap, GrowthMaps
-from growkit.operators.base import Operator
+from growkit.errors import GrowkitError
+from growkit.maps import AxisMap, GrowthMaps, ReaderNoise
+from growkit.operators.base import Operator, stream_exact
 from growkit.operators.depth import depth_map
 from growkit.plan import GrowthPlan
 
 #: Order in which axes are drawn inside a tensor; fixed, so crossings of two new axes are deterministic.
 ORDER = (HIDDEN, KV_HEADS, QGROUP, FFN)
-DEFAULT_ESTIMATOR = "empirical"  # the only measure whose mean-field limit is the source network (benchmarks/RESULTS.md)
+DEFAULT_ESTIMATOR = "empirical"  # plain atoms: needs no fit (kde and gaussian read every tensor twice more)
+SAMPLINGS = ("iid", "stratified")
 _AXES = ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv", "vocab", "positions")
 
 
 @dataclass
 class AxisDraw:
-    """What `adjust` writes along one axis instance: positions (in the target block), their mixing weights over
-    the source block, and the residual noise std per source tensor (stored units)."""
+    """What `adjust` writes along one axis instance when shrinking: positions (in the target block), their mixing
+    weights over the source block, and the residual noise std per source tensor (stored units)."""
 
     n: int
     new: int
@@ -57,13 +64,15 @@ class RCSample(Operator):
     name = "rc-sample"
     directions = ("grow", "shrink")
 
-    def __init__(self, estimator: str | None = None, resample_all: bool = False, rank: int | None = None) -> None:
+    def __init__(self, estimator: str | None = None, sampling: str | None = None, rank: int | None = None) -> None:
         from growkit.measure.estimators import DEFAULT_RANK, get_estimator
 
         self.estimator_name = estimator or DEFAULT_ESTIMATOR
         self.rank = DEFAULT_RANK if rank is None else int(rank)
         self.estimator = get_estimator(self.estimator_name, self.rank)  # validates the name early
-        self.resample_all = bool(resample_all)
+        self.sampling = sampling or "iid"
+        if self.sampling not in SAMPLINGS:
+            raise GrowkitError(f"unknown sampling {self.sampling!r}; choose one of {', '.join(SAMPLINGS)}")
         self.draws: dict[tuple[str, int | None], AxisDraw] = {}
         self._shrink = False
         self._ckpt: Checkpoint | None = None
@@ -73,7 +82,7 @@ class RCSample(Operator):
         self._layer_src: list[int] = []
 
     def settings(self) -> dict[str, Any]:
-        return {"estimator": self.estimator_name, "resample_all": self.resample_all, "rank": self.rank}
+        return {"estimator": self.estimator_name, "sampling": self.sampling, "rank": self.rank}
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps:
@@ -102,13 +111,14 @@ class RCSample(Operator):
                 continue
             fit = fits.get((kind, None if layer is None else layer_src[layer]))
             gen = generator_for(seed, "rc-sample", kind, layer)
-            draw, src = self._draw(n, new, fit, gen)
+            if not self._shrink:
+                maps[(kind, layer)] = self._grow_map(kind, n, new, fit, gen)
+                continue
+            draw, src = self._shrink_draw(n, new, fit, gen)
             self.draws[(kind, layer)] = draw
-            scale = torch.full((new,), n / new)
-            maps[(kind, layer)] = AxisMap(n, src, scale=scale)
-            if self._shrink:
-                extended[(kind, layer)] = AxisMap(n, torch.cat([torch.arange(n), src]),
-                                                  scale=torch.full((n + new,), n / new))
+            maps[(kind, layer)] = AxisMap(n, src, scale=torch.full((new,), n / new))
+            extended[(kind, layer)] = AxisMap(n, torch.cat([torch.arange(n), src]),
+                                              scale=torch.full((n + new,), n / new))
 
         def growth_maps(m: dict[tuple[str, int | None], AxisMap]) -> GrowthMaps:
             per_layer = {k: v for k, v in m.items() if k[1] is not None}
@@ -121,26 +131,41 @@ class RCSample(Operator):
             self._extended = growth_maps(extended)
         return growth_maps(maps)
 
-    def _draw(self, n: int, new: int, fit: Any, gen: torch.Generator) -> tuple[AxisDraw, torch.Tensor]:
-        """The draws of one axis instance and its map's source indices."""
-        if self._shrink:
-            atoms = torch.randperm(n, generator=gen)[:new]  # a sample without replacement of the atoms
-            positions, src = torch.arange(new), atoms
-        elif self.resample_all:
-            atoms = torch.randint(n, (new,), generator=gen)
-            positions, src = torch.arange(new), torch.cat([torch.arange(n), atoms[n:]])
-        else:
-            atoms = torch.randint(n, (new - n,), generator=gen)
-            positions, src = torch.arange(n, new), torch.cat([torch.arange(n), atoms])
-        if fit is None:  # empirical: the gather wrote the atoms unless kept neurons must be overwritten
-            weights = None if (self._shrink or not self.resample_all) else (
-                torch.nn.functional.one_hot(atoms, n).to(torch.float64))
-            return AxisDraw(n, new, positions, weights), src
+    def _atoms(self, n: int, count: int, gen: torch.Generator, replacement: bool) -> torch.Tensor:
+        """`count` atoms of the uniform measure on n source neurons: i.i.d. (without replacement when shrinking), or
+        stratified, one systematic draw per stratum of width n / count (each atom floor or ceil of count / n times)."""
+        if self.sampling == "stratified":
+            u = float(torch.rand((), generator=gen, dtype=torch.float64))
+            return ((torch.arange(count, dtype=torch.float64) + u) * n / count).floor().long().clamp(max=n - 1)
+        if replacement:
+            return torch.randint(n, (count,), generator=gen)
+        return torch.randperm(n, generator=gen)[:count]
+
+    def _grow_map(self, kind: str, n: int, new: int, fit: Any, gen: torch.Generator) -> AxisMap:
+        """Every source neuron once, then the drawn atoms; the estimator's spread as reader noise on the copies."""
+        src = torch.cat([torch.arange(n), self._atoms(n, new - n, gen, replacement=True)])
+        noise = None
+        if fit is not None:
+            scores = self.estimator.fit_pca(fit.pca).around_atoms(new, gen)
+            std = self._residual_stds(fit)
+            if scores is not None or std:
+                noise = ReaderNoise(scores=scores, basis=None if scores is None else fit.pca.u, std=std)
+        return stream_exact(kind, AxisMap(n, src, reader_noise=noise))
+
+    def _shrink_draw(self, n: int, new: int, fit: Any, gen: torch.Generator) -> tuple[AxisDraw, torch.Tensor]:
+        """The draws of one axis instance when shrinking, and its map's source indices (the atoms)."""
+        atoms = self._atoms(n, new, gen, replacement=False)
+        positions = torch.arange(new)
+        if fit is None:  # empirical: the gather wrote the atoms
+            return AxisDraw(n, new, positions, None), atoms
         mixing = self.estimator.fit_pca(fit.pca).mixing(len(atoms), gen, atoms)
-        noise = {}
-        if mixing.sigma2 > 0 or self.estimator.uses_residual:
-            noise = {name: b.residual_std(fit.pca.rank) for name, b in fit.blocks.items()}
-        return AxisDraw(n, new, positions, mixing.dense(n), noise), src
+        return AxisDraw(n, new, positions, mixing.dense(n), self._residual_stds(fit)), atoms
+
+    def _residual_stds(self, fit: Any) -> dict[str, float]:
+        """The isotropic residual's std per source tensor (stored units), for estimators whose draws carry one."""
+        if not self.estimator.uses_residual:
+            return {}
+        return {name: b.residual_std(fit.pca.rank) for name, b in fit.blocks.items()}
 
     def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
         if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
@@ -154,27 +179,19 @@ class RCSample(Operator):
         if not steps:
             return tensor
         src_layer = None if layer is None else self._layer_src[layer]
-        if self._shrink:
-            assert self._ckpt is not None and self._extended is not None
-            x = apply_tensor(self._ckpt.get(spec.at(src_layer)), spec, layer, self._sizes, self._extended, self._opts)
-        else:
-            x = tensor.clone()
-        assert self._opts is not None
+        assert self._ckpt is not None and self._extended is not None and self._opts is not None
+        x = apply_tensor(self._ckpt.get(spec.at(src_layer)), spec, layer, self._sizes, self._extended, self._opts)
         reader_scale = self._reader_scale(spec, layer)
         for i, kind, draw in steps:
             std = draw.noise.get(spec.at(src_layer), 0.0) * reader_scale
             gen = generator_for(self._opts.seed, "rc-noise", kind, layer, spec.at(layer)) if std > 0 else None
             x = self._mix(x, spec, i, kind, layer, draw, std, gen)
-        if self._shrink:
-            x = self._target_block(x, spec, layer)
-        return x.to(tensor.dtype).contiguous()
+        return self._target_block(x, spec, layer).to(tensor.dtype).contiguous()
 
     def _current(self, kind: str, layer: int | None) -> int:
-        """Size of an axis in the tensor `adjust` works on (target size, or source + target when shrinking)."""
+        """Size of an axis in the tensor `adjust` works on (source + target block)."""
         draw = self.draws.get((kind, layer if kind in PER_LAYER else None))
-        if draw is None:
-            return self._sizes[kind]
-        return draw.n + draw.new if self._shrink else draw.new
+        return self._sizes[kind] if draw is None else draw.n + draw.new
 
     def _mix(self, x: torch.Tensor, spec: TensorSpec, i: int, kind: str, layer: int | None, draw: AxisDraw,
              std: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -189,9 +206,8 @@ class RCSample(Operator):
         values = draw.weights.to(torch.float64) @ flat[: draw.n].to(torch.float64)  # type: ignore[union-attr]
         if gen is not None:
             values = values + torch.randn(values.shape, generator=gen, dtype=torch.float64) * std
-        offset = draw.n if self._shrink else 0
         flat = flat.clone()
-        flat[offset + draw.positions] = values.to(flat.dtype)
+        flat[draw.n + draw.positions] = values.to(flat.dtype)
         return flat.reshape(moved.shape[:1] + rest).movedim(0, i + k).reshape(shape)
 
     def _target_block(self, x: torch.Tensor, spec: TensorSpec, layer: int | None) -> torch.Tensor:

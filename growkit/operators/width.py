@@ -7,7 +7,7 @@ import torch
 from growkit.arch.spec import GROWABLE
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap
-from growkit.operators.base import Operator, fresh_side
+from growkit.operators.base import Operator, fresh_side, stream_exact
 from growkit.plan import GrowthPlan
 
 
@@ -30,20 +30,23 @@ class Clone(Operator):
 
 
 class Net2Net(Operator):
-    """Net2Net / bert2BERT FPI: keep every neuron, duplicate uniformly random ones, divide fan-in by the count."""
+    """Net2Net / bert2BERT FPI: keep every neuron, duplicate uniformly random ones, divide fan-in by the count; on
+    the residual stream, writers times sqrt(k / count) and norm gains divided by it, so RMSNorm stays exact too."""
 
     name = "net2net"
 
     def axis_map(self, kind: str, old: int, new: int, gen: torch.Generator) -> AxisMap:
         extra = torch.randint(old, (new - old,), generator=gen)
-        return AxisMap(old, torch.cat([torch.arange(old), extra]))
+        return stream_exact(kind, AxisMap(old, torch.cat([torch.arange(old), extra])))
 
 
 class CopyPad(Operator):
-    """Copy every neuron once and pad with fresh ones that start silent but trainable."""
+    """Copy every neuron once and pad with fresh ones that start silent but trainable; on the residual stream the
+    kept coordinates are written sqrt(new / old) larger (gains divided alike), so an RMSNorm's statistics and eps
+    are the source's."""
 
     name = "copy-pad"
 
     def axis_map(self, kind: str, old: int, new: int, gen: torch.Generator) -> AxisMap:
         src = torch.cat([torch.arange(old), torch.full((new - old,), -1)])
-        return AxisMap(old, src, fresh_zero_side=fresh_side(kind))  # type: ignore[arg-type]
+        return stream_exact(kind, AxisMap(old, src, fresh_zero_side=fresh_side(kind)))  # type: ignore[arg-type]
