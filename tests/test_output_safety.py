@@ -254,3 +254,19 @@ def test_credentials_in_the_endpoint_are_never_echoed(world, hub_env):
     message = str(info.value)
     assert f"cannot reach http://***@127.0.0.1:{port}" in message, message
     assert "s3cretPassw0rd" not in message and "alice:" not in message
+
+
+def test_an_input_that_is_a_link_counts_where_it_is_and_where_it_points(tmp_path):
+    """A Hub cache snapshot holds links to blobs elsewhere: an output containing the link contains an input."""
+    from growkit.checkpoint.outputs import check_path
+
+    blob = tmp_path / "blobs" / "abc123"
+    blob.parent.mkdir()
+    blob.write_bytes(b"weights")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").symlink_to(blob)
+    link = snapshot / "model.safetensors"
+    for out, inputs in ((snapshot, [link]), (tmp_path / "blobs", [link])):
+        with pytest.raises(GrowkitError, match="output contains the input"):
+            check_path(out, inputs)
