@@ -324,7 +324,7 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
                  base_model=recipe.base_model, command=command)
     provenance = grown.provenance
     if recipe.train is not None:
-        from growkit.checkpoint.writer import publish_directory, temporary_name
+        from growkit.checkpoint.writer import publish_directory, signals_held, temporary_name
         from growkit.pipeline import clean_temporaries
 
         interrupts.arm()  # the grown checkpoint is complete; training is interruptible again
@@ -336,7 +336,10 @@ def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any
             interrupts.arm()
             provenance = _finish(recipe, provenance, work, source, cache, command, result)
             if work != out:
-                publish_directory(work, out, overwrite=True)
+                with signals_held():  # as the writer's commit: the swap happens whole, or not at all
+                    interrupts.raise_if_pending()
+                    publish_directory(work, out, overwrite=True)
+                    interrupts.published()
         except BaseException:
             if work != out:
                 shutil.rmtree(work, ignore_errors=True)

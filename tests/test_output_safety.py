@@ -205,7 +205,11 @@ def test_training_output_is_0644_with_a_model_card(world, tmp_path):
 # --- push: timeouts and credentials in the endpoint --------------------------------------------------------------
 
 class SilentServer:
-    """Accepts connections on 127.0.0.1 and never answers (the hang of issue 11, item 9)."""
+    """Accepts connections on 127.0.0.1 and never answers (the hang of issue 11, item 9). After `give_up_s` it
+    hangs up, so a client without a timeout fails the test instead of hanging it."""
+
+    def __init__(self, give_up_s: float = 60) -> None:
+        self.give_up_s = give_up_s
 
     def __enter__(self) -> "SilentServer":
         self.sock = socket.socket()
@@ -215,6 +219,8 @@ class SilentServer:
         self.held: list[socket.socket] = []
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
+        self.watchdog = threading.Timer(self.give_up_s, self.__exit__)
+        self.watchdog.start()
         return self
 
     def _accept(self) -> None:
@@ -226,6 +232,7 @@ class SilentServer:
             self.held.append(conn)
 
     def __exit__(self, *exc: object) -> None:
+        self.watchdog.cancel()
         self.sock.close()
         for conn in self.held:
             conn.close()
@@ -254,3 +261,19 @@ def test_credentials_in_the_endpoint_are_never_echoed(world, hub_env):
     message = str(info.value)
     assert f"cannot reach http://***@127.0.0.1:{port}" in message, message
     assert "s3cretPassw0rd" not in message and "alice:" not in message
+
+
+def test_an_input_that_is_a_link_counts_where_it_is_and_where_it_points(tmp_path):
+    """A Hub cache snapshot holds links to blobs elsewhere: an output containing the link contains an input."""
+    from growkit.checkpoint.outputs import check_path
+
+    blob = tmp_path / "blobs" / "abc123"
+    blob.parent.mkdir()
+    blob.write_bytes(b"weights")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "model.safetensors").symlink_to(blob)
+    link = snapshot / "model.safetensors"
+    for out, inputs in ((snapshot, [link]), (tmp_path / "blobs", [link])):
+        with pytest.raises(GrowkitError, match="output contains the input"):
+            check_path(out, inputs)

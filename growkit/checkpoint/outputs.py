@@ -62,7 +62,10 @@ def check_path(out: Path, inputs: Iterable[str | Path | None], option: str = "ou
     for item in inputs:
         if item is None or str(item).startswith("stdlib:"):
             continue
-        relation = _relation(where, _resolved(Path(item)))
+        # Both after resolving links and as written: an input that is a link (a Hub cache snapshot's files are)
+        # lies where it points, and also where the link is.
+        relation = (_relation(where, _resolved(Path(item)))
+                    or _relation(Path(os.path.abspath(out)), Path(os.path.abspath(item))))
         if relation is not None:
             raise GrowkitError(f"{out}: {option} {relation} the input {item}; choose an output apart from every input")
     cwd = _resolved(Path.cwd())
