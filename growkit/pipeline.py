@@ -337,10 +337,10 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
     metadata = {"format": "pt", "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "operator",
                                                                                     "sizes", "options")}),
                 "config": json.dumps(new_config, sort_keys=True)}
-    check_fits(growth, out, out_dtype, verify)
     clean_temporaries(out)
     entries = [e for e, _, _ in growth.entries(out_dtype)]
     with CheckpointWriter(out, entries, shard_bytes, metadata, overwrite=overwrite) as writer:
+        check_fits(growth, out, out_dtype, verify)  # once the writer knows the output's directory is writable
         with single_threaded():
             for entry, tensor in grown_tensors(growth, out_dtype, quiet=quiet, allow_nonfinite=allow_nonfinite):
                 writer.add(entry.name, tensor)

@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from cli_util import (assert_nothing_written, error_line, read_safetensors, run_cli_batch, snapshot,
                       write_safetensors)
 from conftest import save_tiny
+from growkit.checkpoint.reader import load_checkpoint
+from growkit.pipeline import plan_growth
 
 
 @dataclass
@@ -371,12 +373,17 @@ def _limit_file_size() -> None:
 
 
 def test_disk_full_during_write(tmp_path, sources):
-    """A real 256 KiB tmpfs (as root); elsewhere a real 128 KiB file-size limit (RLIMIT_FSIZE). The 2x output is
-    ~440 KB, so the write fails inside the weights, after the temporary directory and shard header exist."""
+    """A real tmpfs (as root) just large enough for the weights' bytes, which growkit checks before writing, but not
+    for the shard header and the other files; elsewhere a real 128 KiB file-size limit (RLIMIT_FSIZE). Either way
+    the write fails after the temporary directory exists (the 2x output is ~440 KB)."""
     small = tmp_path / "small-fs"
     small.mkdir()
+    growth = plan_growth(load_checkpoint(sources["gpt2"]), width="2x")
+    # the weights' pages, and one for the writer's marker file in its temporary directory
+    pages = -(-sum(e.nbytes for e, _, _ in growth.entries(torch.float32)) // 4096) + 1
     mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True).returncode == 0
+        ["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs", str(small)], capture_output=True
+    ).returncode == 0
     out = small / "out"
     try:
         from cli_util import cli_command, cli_env
@@ -385,7 +392,7 @@ def test_disk_full_during_write(tmp_path, sources):
                               capture_output=True, text=True, env=cli_env(), timeout=120,
                               preexec_fn=None if mounted else _limit_file_size)
         why = "disk full (no space left on device)" if mounted else "file too large"
-        error_line(proc.returncode, proc.stderr, out, why, "while writing model.safetensors", "nothing was written")
+        error_line(proc.returncode, proc.stderr, out, why, "while writing", "nothing was written")
         assert proc.returncode == 2
         assert_nothing_written(out)
         if mounted:
