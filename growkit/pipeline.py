@@ -24,7 +24,7 @@ from growkit import __version__
 from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
-from growkit.arch.validate import check_source_config, config_problem
+from growkit.arch.validate import check_source_config, config_problem, size_type_problem
 from growkit.checkpoint.files import check_support_files, copy_support_files
 from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
@@ -181,12 +181,15 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
     check_seed(seed)
     check_noise_snr_db(noise_snr_db)
     family = family_for(ckpt.config, ckpt.source)
-    check_source_config(family, ckpt.config, ckpt.source)
-    if ckpt.root is not None:
-        check_support_files(ckpt.root)
+    if (problem := size_type_problem(ckpt.config)) is not None:
+        raise GrowkitError(f"{ckpt.source}: config: {problem}")
     with config_errors(ckpt.source):
         source = checked_sizes(family.sizes(ckpt.config), ckpt.source)
         specs = family.tensors(ckpt.config, ckpt.names())
+    check_tensors(ckpt, family, specs, source)
+    check_source_config(family, ckpt.config, ckpt.source)
+    if ckpt.root is not None:
+        check_support_files(ckpt.root)
     request = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
                    depth_method=depth_method, direction=direction)
     try:
@@ -199,7 +202,6 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
     if plan.target.layers != source.layers and ckpt.config.get("scale_attn_by_inverse_layer_idx"):
         raise GrowkitError(f"{ckpt.source}: scale_attn_by_inverse_layer_idx ties attention scale to layer index; "
                            "depth growth would change the function")
-    check_tensors(ckpt, family, specs, source)
     maps = operator.build_maps(ckpt, family, specs, plan, seed)
     return growth_with_maps(ckpt, family, specs, plan, operator, maps, seed, noise_snr_db)
 

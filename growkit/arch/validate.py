@@ -9,6 +9,7 @@ through that no model can use (a NaN norm epsilon, a non-positive size).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -33,14 +34,29 @@ def _built(config: Mapping[str, Any]) -> tuple[Any, str | None]:
 
     fields = {k: v for k, v in config.items() if k != "transformers_version"}
     try:
-        return AutoConfig.for_model(**fields), None
+        built = AutoConfig.for_model(**fields)
+        built.to_dict()  # what save_pretrained writes and from_pretrained reads back must work too
+        return built, None
     except StrictDataclassError as exc:  # "Validation error for field 'x':" / "... for validator 'validate_x':"
         cls = CONFIG_MAPPING[config["model_type"]].__name__
         where = re.search(r"(field|validator) '(\w+)'", str(exc))
         rule = f"{cls}.{where.group(2)}" if where else cls
         return None, f"{rule}: {exc.__cause__ or exc}"
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a config class raises on a malformed value is a refusal
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+
+
+def size_type_problem(config: Mapping[str, Any]) -> str | None:
+    """A size in the file that is not a whole number (`4.5`, `true`, `"32"`), named as the file spells it; checked
+    on the raw values, before anything is built from them (a plain `int()` would turn 4.5 into 4 and true into 1)."""
+    from transformers import CONFIG_MAPPING
+
+    spelled = CONFIG_MAPPING[config["model_type"]].attribute_map  # GPT-2: hidden_size -> n_embd
+    for key in (spelled.get(name, name) for name in _SIZES):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{key} is {json.dumps(value)}; it must be a whole number"
+    return None
 
 
 def config_problem(family: Family, config: Mapping[str, Any]) -> str | None:
@@ -65,7 +81,9 @@ def _checked(family: Family, config: Mapping[str, Any]) -> tuple[Any, str | None
 
 
 def check_source_config(family: Family, config: Mapping[str, Any], source: str) -> None:
-    """Refuse a source config transformers would not load, or one whose values no model can run with."""
+    """Refuse a source config transformers would not load, or one whose values no model can run with. Called once
+    the tensors are known to match the config's sizes, so that no size handed to transformers is absurd (a config
+    claiming 10**12 layers makes some config classes build a list that long)."""
     problem = config_problem(family, config)
     if problem is not None:
         raise GrowkitError(f"{source}: config: {problem}")
@@ -129,19 +147,28 @@ def _hidden_sizes(hidden: int, side: int, step: int, source_hidden: int) -> Iter
 def _heads_near(source: Sizes, heads: int) -> dict[str, int]:
     """`heads` with the kv head count that keeps the source's GQA ratio as nearly as a divisor of `heads` can."""
     ideal_kv = heads * source.kv_heads / source.heads
-    return {"heads": heads, "kv_heads": min(_divisors(heads), key=lambda k: (abs(k - ideal_kv), k))}
+    kv = next((k for k in _outwards(ideal_kv) if k <= heads and heads % k == 0), heads)
+    return {"heads": heads, "kv_heads": kv}
 
 
 def _head_candidates(source: Sizes, target: Sizes) -> Iterator[dict[str, int]]:
-    ideal = source.heads * target.hidden / source.hidden
-    for heads in sorted(range(1, int(2 * max(ideal, target.heads)) + 8), key=lambda h: (abs(h - ideal), h)):
+    for heads in _outwards(source.heads * target.hidden / source.hidden):
         candidate = _heads_near(source, heads)
         if (candidate["heads"], candidate["kv_heads"]) != (target.heads, target.kv_heads):
             yield candidate
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _outwards(ideal: float) -> Iterator[int]:
+    """Positive integers by distance from `ideal` (the lower first on a tie), at most `_MAX_TRIES` of them: sizes in
+    a config can be absurd (10**30), so nothing here may scale with them."""
+    below, above = math.floor(ideal), math.floor(ideal) + 1
+    for _ in range(_MAX_TRIES):
+        if below >= 1 and (ideal - below <= above - ideal):
+            yield below
+            below -= 1
+        else:
+            yield above
+            above += 1
 
 
 def as_options(changes: dict[str, int]) -> str:
