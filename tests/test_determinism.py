@@ -28,6 +28,8 @@ RUNS = {
     "copy-pad": dict(width="2x", method="copy-pad", seed=3),
     "net2net-depth": dict(hidden=320, ffn=640, heads=10, kv_heads=5, method="net2net", layers="3", seed=3,
                           max_shard_size="300KB"),
+    "rc-sample-kde": dict(width="2x", method="rc-sample", seed=3,  # reader noise from a fitted kernel
+                          operator_options={"estimator": "kde", "sampling": "stratified"}),
 }
 # Every other operator that can grow (e.g. ones fitted to the weights) at its defaults, so a new operator is covered.
 RUNS.update({name: dict(width="2x", method=name, seed=3) for name, op in OPERATORS.items()
