@@ -31,7 +31,7 @@ class OutlierDim(BaseModel):
     dim: int
     points: list[int]  # indices into ResidualStream.points where its RMS exceeds the ratio x median
     where: str  # the same as text, e.g. "blocks 3-29" or "embedding, blocks 0-5"
-    peak_rms: float
+    peak_rms: float  # its RMS where it stands out most (the largest ratio to the median), at `peak_point`
     peak_point: int
     median_at_peak: float
     max_abs: float
@@ -85,17 +85,18 @@ def _span(points: list[int], labels: list[str]) -> str:
 
 def outliers(rms: torch.Tensor, max_abs: torch.Tensor, labels: list[str],
              ratio: float = OUTLIER_RATIO) -> list[OutlierDim]:
-    """Dimensions whose RMS exceeds `ratio` x the median dimension's at some point, largest peak first."""
+    """Dimensions whose RMS exceeds `ratio` x the median dimension's at some point, with the point where they stand
+    out most; the most outstanding first."""
     median = rms.median(dim=1).values
     above = rms > ratio * median[:, None]
     found = []
     for d in above.any(dim=0).nonzero().flatten().tolist():
         points = above[:, d].nonzero().flatten().tolist()
-        peak = int(rms[:, d].argmax())
+        peak = int((rms[:, d] / median).argmax())  # where it stands out most
         found.append(OutlierDim(dim=d, points=points, where=_span(points, labels), peak_rms=float(rms[peak, d]),
                                 peak_point=peak, median_at_peak=float(median[peak]),
                                 max_abs=float(max_abs[:, d].max())))
-    return sorted(found, key=lambda o: -o.peak_rms)
+    return sorted(found, key=lambda o: -o.peak_rms / o.median_at_peak)
 
 
 @torch.no_grad()

@@ -154,12 +154,13 @@ def plot_residual(report: "InspectReport", stream: "ResidualStream", path: Path)
     heat.yaxis.set_major_locator(MaxNLocator(integer=True))
     heat.set_title("per-dimension RMS", fontsize=9)
     layers = report.sizes["layers"]
-    shown = [label for label in report.neuron_norms() if "@" not in label
-             or label.split("@")[1] in {"0", str(layers // 2), str(layers - 1)}]
+    shown = [label for label, norms in report.neuron_norms().items()
+             if ("@" not in label or label.split("@")[1] in {"0", str(layers // 2), str(layers - 1)})
+             and norms.size >= 8]  # a handful of heads has no tail to speak of
     for label in shown[:8]:
         norms = np.sort(report.neuron_norms()[label])[::-1]
         median = np.median(norms)
-        if median > 0 and norms.size >= 8:  # a handful of heads has no tail to speak of
+        if median > 0:
             tails.plot(np.arange(1, norms.size + 1), norms / median, linewidth=1, label=label)
     tails.set_xscale("log")
     tails.set_yscale("log")
