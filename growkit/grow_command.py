@@ -65,7 +65,7 @@ def run_resize(src: Path, out: Optional[Path], dry_run: bool, quiet: bool, verif
     """Shared body of `grow` and `shrink`: plan (and print) first, then stream the checkpoint."""
     console = Console(stderr=quiet)
     if dry_run:
-        ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle)
+        ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
         keys = ("width", "hidden", "ffn", "heads", "kv_heads", "layers", "method", "depth_method", "seed",
                 "direction", "operator_options", "noise_snr_db")
         growth = plan_growth(ckpt, **{k: v for k, v in options.items() if k in keys})

@@ -294,7 +294,8 @@ def provenance_for(growth: Growth, source_path: str, command: str | None, option
         "growkit_version": __version__,
         "kind": plan.direction,
         "source": {"path": source_path, "model_type": growth.ckpt.model_type, "config": growth.ckpt.config,
-                   "config_inferred": growth.ckpt.config_inferred, "hub_id": options.get("base_model")},
+                   "config_inferred": growth.ckpt.config_inferred, "hub_id": options.get("base_model"),
+                   **growth.ckpt.origin()},
         "sizes": rows,
         "operator": plan.method,
         "depth_method": plan.depth_method,
@@ -324,7 +325,7 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
          direction: Direction = "grow", operator_options: Mapping[str, Any] | None = None) -> GrowResult:
     """Grow the checkpoint at `src` into a new Hugging Face checkpoint directory `out`, streamed and atomic."""
     src = Path(src)
-    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle)
+    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
     out = Path(out) if out is not None else default_output(src, direction)
     check_output(out, input_paths(src, config, operator_options), overwrite)
     shard_bytes = parse_size(max_shard_size)

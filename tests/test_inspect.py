@@ -50,7 +50,8 @@ def test_inspect_cli_writes_report_and_plots(tmp_path):
     assert report["compare"] == str(clone)
     assert len(report["distances"]) == 38  # rows + cols of 10 matrices, entries of 18 vectors
     assert max(d["distance"]["w1_rel"] for d in report["distances"]) < 1e-5
-    assert set(report["files"]) == {str(out / n) for n in ("report.json", "norms.png", "rc.png", "qq.png")}
+    assert set(report["files"]) == {str(out / n) for n in ("report.json", "norms.png", "rc.png", "qq.png",
+                                                           "residual.png")}
 
 
 def test_inspect_python_api_returns_the_report():

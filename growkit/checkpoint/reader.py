@@ -54,6 +54,11 @@ class Checkpoint:
             raise GrowkitError(f"{self.source}: config has no model_type")
         return str(model_type)
 
+    def origin(self) -> dict[str, Any]:
+        """What reading did to the source that its outputs should record (e.g. dequantization); empty for plain
+        safetensors and state dicts."""
+        return {}
+
     def storage_dtype(self) -> torch.dtype:
         """The dtype most of the floating-point weights are stored in (the default output dtype)."""
         counts = Counter(self.dtype(n) for n in self.names() if self.dtype(n).is_floating_point)
@@ -177,6 +182,9 @@ class RenamedCheckpoint(Checkpoint):
     def get(self, name: str) -> torch.Tensor:
         return self.inner.get(self._stored.get(name, name))
 
+    def origin(self) -> dict[str, Any]:
+        return self.inner.origin()
+
 
 def _canonical(ckpt: Checkpoint) -> Checkpoint:
     renames = stored_names(ckpt.names())
@@ -263,25 +271,31 @@ def _config_for_file(file: Path, config: str | Path | Mapping[str, Any] | None, 
 
 
 def load_checkpoint(path: str | Path, config: str | Path | Mapping[str, Any] | None = None,
-                    allow_pickle: bool = False) -> Checkpoint:
+                    allow_pickle: bool = False, quiet: bool = False) -> Checkpoint:
     """Open a checkpoint lazily; nothing but headers is read here.
 
-    `path` is a Hugging Face directory (config.json + model.safetensors or a sharded index) or a bare
-    `.safetensors` file. Pickle checkpoints (`pytorch_model.bin`) are refused unless `allow_pickle` is set, and then
-    loaded with `torch.load(weights_only=True)`, which executes no code. Tensor names come out as the architecture
-    specs spell them, whatever equivalent spelling the file uses.
+    `path` is a Hugging Face directory (config.json + model.safetensors or a sharded index), a bare `.safetensors`
+    file, or a `.gguf` file (dequantized into memory at once, see `growkit.checkpoint.gguf`). Pickle checkpoints
+    (`pytorch_model.bin`) are refused unless `allow_pickle` is set, and then loaded with
+    `torch.load(weights_only=True)`, which executes no code. Tensor names come out as the architecture specs spell
+    them, whatever equivalent spelling the file uses. `quiet` hides progress bars.
     """
-    return _canonical(_open_checkpoint(Path(path), config, allow_pickle))
+    return _canonical(_open_checkpoint(Path(path), config, allow_pickle, quiet))
 
 
-def _open_checkpoint(path: Path, config: str | Path | Mapping[str, Any] | None, allow_pickle: bool) -> Checkpoint:
+def _open_checkpoint(path: Path, config: str | Path | Mapping[str, Any] | None, allow_pickle: bool,
+                     quiet: bool = False) -> Checkpoint:
     if not path.exists():
         raise GrowkitError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix == ".bin" or path.name.endswith(".bin.index.json"):
             return _load_pickle(path.parent, [path], config, allow_pickle, root=None)
+        if path.suffix == ".gguf":
+            from growkit.checkpoint.gguf import load_gguf
+
+            return load_gguf(path, config, quiet=quiet)
         if path.suffix != ".safetensors":
-            raise GrowkitError(f"{path}: expected a .safetensors file or a checkpoint directory")
+            raise GrowkitError(f"{path}: expected a .safetensors or .gguf file or a checkpoint directory")
         handle = _open_safetensors(path)
         shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}
         canonical = {v: k for k, v in stored_names(list(shapes)).items()}

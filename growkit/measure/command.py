@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from growkit.measure.activations import DEFAULT_TOKENS, ResidualStream
 from growkit.measure.plots import short_name
 from growkit.measure.report import InspectReport, inspect
 
@@ -56,14 +57,39 @@ def rc_table(report: InspectReport) -> Table:
 
 def axis_table(report: InspectReport) -> Table:
     table = Table(title="axes (neuron features in mean-field units, one block per tensor; log-likelihood per "
-                        "held-out neuron in the rank-r PCA projection)")
+                        "held-out neuron in the rank-r PCA projection; tails of the neuron norms: excess kurtosis, "
+                        "largest / median, Hill tail index of the top tenth (smaller = heavier), largest neuron)")
     for col in ("axis", "neurons", "feature dim", "tensors", "top-r share", "eff. rank", "r", "LL kde",
-                "LL gaussian"):
+                "LL gaussian", "norm kurt", "max/med", "Hill α", "top"):
         table.add_column(col, justify="left" if col == "axis" else "right")
     for a in report.axes:
+        t = a.norm_tails
         table.add_row(a.axis, str(a.neurons), str(a.feature_dim), str(a.tensors), f"{a.explained:.2f}",
                       f"{a.effective_rank:.1f}", str(a.loglik_rank), _g(a.loglik.get("kde"), ".2f"),
-                      _g(a.loglik.get("gaussian"), ".2f"))
+                      _g(a.loglik.get("gaussian"), ".2f"), _g(t.kurtosis, ".2f"), _g(t.max_over_median, ".3g"),
+                      _g(t.hill_alpha, ".2f"), str(t.top))
+    return table
+
+
+def residual_table(stream: ResidualStream) -> Table:
+    table = Table(title=f"residual stream: per-dimension RMS on {stream.tokens}, {stream.token_count} tokens "
+                        f"(outlier: RMS > {stream.outlier_ratio:g}x the median dimension's)")
+    for col in ("after", "median RMS", "max RMS", "max dim", "max |h|", "outliers"):
+        table.add_column(col, justify="left" if col == "after" else "right")
+    for i, label in enumerate(stream.points):
+        count = sum(1 for o in stream.outliers if i in o.points)
+        table.add_row(label, f"{stream.median_rms[i]:.3g}", f"{stream.max_rms[i]:.3g}", str(stream.argmax_dim[i]),
+                      f"{stream.max_abs[i]:.3g}", str(count) if count else "-")
+    return table
+
+
+def outlier_table(stream: ResidualStream) -> Table:
+    table = Table(title=f"outlier dimensions of the residual stream ({len(stream.outliers)})")
+    for col in ("dim", "where", "peak RMS", "at", "median there", "ratio", "max |h|"):
+        table.add_column(col, justify="left" if col == "where" else "right")
+    for o in stream.outliers:
+        table.add_row(str(o.dim), o.where, f"{o.peak_rms:.4g}", stream.points[o.peak_point], f"{o.median_at_peak:.3g}",
+                      f"{o.peak_rms / o.median_at_peak:.3g}x" if o.median_at_peak > 0 else "-", f"{o.max_abs:.4g}")
     return table
 
 
@@ -79,7 +105,7 @@ def distance_table(report: InspectReport) -> Table:
 
 
 def inspect_command(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory or .safetensors file")],
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory, .safetensors or .gguf file")],
     compare: Annotated[Optional[Path], Opt("--compare", help="Second checkpoint: norm distances and QQ plots")] = None,
     out: Annotated[Optional[Path], Opt("--out", "-o", help="Directory for report.json and PNG plots")] = None,
     units: Annotated[str, Opt(help="mf (x fan-in, mean-field), sp (x sqrt(fan-in)) or raw")] = "mf",
@@ -90,11 +116,18 @@ def inspect_command(
     plots: Annotated[bool, Opt("--plots/--no-plots", help="Write PNG plots with --out")] = True,
     config: Annotated[Optional[Path], Opt(help="config.json for a bare .safetensors file")] = None,
     allow_pickle: Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")] = False,
+    activations: Annotated[bool, Opt("--activations/--no-activations", help="Run the model to measure the residual "
+                                     "stream's per-dimension RMS")] = True,
+    calibration: Annotated[Optional[list[Path]], Opt(help="Text file(s) for the residual-stream measure (repeat the "
+                                                     "option for several); without it, random tokens")] = None,
+    calibration_tokens: Annotated[int, Opt("--calibration-tokens", help="Tokens to run")] = DEFAULT_TOKENS,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No tables, only the written paths")] = False,
 ) -> None:
-    """Inspect a checkpoint: row/column statistics, the RC covariance test and per-axis neuron measures."""
+    """Inspect a checkpoint: row/column statistics, the RC covariance test, per-axis neuron measures and the residual
+    stream's outlier dimensions."""
     report = inspect(ckpt, compare, out, units=units, permutations=permutations, max_dim=max_dim, rank=rank,
-                     seed=seed, plots=plots, config=config, allow_pickle=allow_pickle)
+                     seed=seed, plots=plots, config=config, allow_pickle=allow_pickle, activations=activations,
+                     calibration=calibration, calibration_tokens=calibration_tokens)
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # piped output: keep whole rows rather than wrapping to 80 columns
@@ -102,6 +135,9 @@ def inspect_command(
         console.print(tensor_table(report))
         console.print(rc_table(report))
         console.print(axis_table(report))
+        if report.residual is not None:
+            console.print(residual_table(report.residual))
+            console.print(outlier_table(report.residual))
         if report.compare is not None:
             console.print(distance_table(report))
     for path in report.files:

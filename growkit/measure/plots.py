@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from growkit.measure.activations import ResidualStream
     from growkit.measure.report import InspectReport, TensorReport
 
 MAX_PANELS = 24
@@ -128,8 +129,55 @@ def plot_rc(report: "InspectReport", path: Path, alpha: float = 0.01) -> Path:
     return _save(fig, path)
 
 
+def plot_residual(report: "InspectReport", stream: "ResidualStream", path: Path) -> Path:
+    """The residual stream's per-dimension RMS at each point (median, maximum and every outlier dimension; and as
+    a map over points x dimensions), and the axes' sorted neuron norms over their median (heavy tails rise)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (lines, heat, tails) = _figure(3, ncols=3, size=(5.2, 3.6))
+    x = np.arange(len(stream.points))
+    rms = np.asarray(stream.rms)
+    lines.plot(x, stream.median_rms, color="0.2", linewidth=2, label="median dim")
+    lines.plot(x, stream.max_rms, color="0.6", linestyle="--", label="max dim")
+    for o in stream.outliers[:8]:
+        lines.plot(x, rms[:, o.dim], linewidth=1.2, label=f"dim {o.dim}")
+    lines.set_yscale("log")
+    lines.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lines.set_xlabel("after (0 = embedding, k = block k-1)", fontsize=8)
+    lines.set_ylabel("RMS over tokens", fontsize=8)
+    lines.set_title(f"residual stream ({stream.token_count} tokens)", fontsize=9)
+    lines.legend(fontsize=6)
+    image = heat.imshow(np.log10(np.maximum(rms, 1e-12)), aspect="auto", interpolation="nearest", cmap="magma")
+    fig.colorbar(image, ax=heat, label="log10 RMS")
+    heat.set_xlabel("hidden dimension", fontsize=8)
+    heat.set_ylabel("after (0 = embedding)", fontsize=8)
+    heat.yaxis.set_major_locator(MaxNLocator(integer=True))
+    heat.set_title("per-dimension RMS", fontsize=9)
+    layers = report.sizes["layers"]
+    shown = [label for label, norms in report.neuron_norms().items()
+             if ("@" not in label or label.split("@")[1] in {"0", str(layers // 2), str(layers - 1)})
+             and norms.size >= 8]  # a handful of heads has no tail to speak of
+    for label in shown[:8]:
+        norms = np.sort(report.neuron_norms()[label])[::-1]
+        median = np.median(norms)
+        if median > 0:
+            tails.plot(np.arange(1, norms.size + 1), norms / median, linewidth=1, label=label)
+    tails.set_xscale("log")
+    tails.set_yscale("log")
+    tails.set_xlabel("neuron rank (largest first)", fontsize=8)
+    tails.set_ylabel("norm / median", fontsize=8)
+    tails.set_title("neuron norms per axis", fontsize=9)
+    tails.legend(fontsize=6)
+    for ax in (lines, heat, tails):
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"residual stream and neuron-norm tails: {report.checkpoint} ({stream.tokens})", fontsize=10)
+    return _save(fig, path)
+
+
 def write_plots(report: "InspectReport", out: Path) -> list[Path]:
     paths = [plot_norms(report, out / "norms.png"), plot_rc(report, out / "rc.png")]
+    if report.residual is not None:
+        paths.append(plot_residual(report, report.residual, out / "residual.png"))
     if report.compare is not None:
         paths.append(plot_qq(report, out / "qq.png"))
     return paths

@@ -4,7 +4,7 @@ distances to a second checkpoint; returned as a pydantic report, optionally writ
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,12 @@ from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes, TensorSpec
 from growkit.checkpoint.outputs import check_path
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.errors import GrowkitError
+from growkit.measure.activations import DEFAULT_TOKENS, ResidualStream, residual_stream
 from growkit.measure.estimators import DEFAULT_RANK, NeuronPCA, held_out_log_likelihood
 from growkit.measure.features import AxisKey, blocks_of, iter_tensors, key_label
 from growkit.measure.fit import AxisFit
 from growkit.measure.rc import Distance, RCTest, distance, rc_covariance_test
-from growkit.measure.stats import TensorStats, matrix_view, tensor_stats
+from growkit.measure.stats import TailStats, TensorStats, matrix_view, tail_stats, tensor_stats
 from growkit.pipeline import all_finite, check_seed
 
 
@@ -32,8 +33,9 @@ class TensorReport(TensorStats):
 
 
 class AxisReport(BaseModel):
-    """One axis instance's neuron measure: size, spectrum of the (block-weighted) neuron Gram, and held-out
-    log-likelihood per neuron of each estimator in a rank-r PCA projection."""
+    """One axis instance's neuron measure: size, spectrum of the (block-weighted) neuron Gram, held-out
+    log-likelihood per neuron of each estimator in a rank-r PCA projection, and how heavy-tailed the neurons' norms
+    (of their features across every tensor of the axis) are."""
 
     axis: str
     kind: str
@@ -47,6 +49,7 @@ class AxisReport(BaseModel):
     spectrum: list[float]
     loglik: dict[str, float | None]
     loglik_rank: int
+    norm_tails: TailStats
 
 
 class DistanceReport(BaseModel):
@@ -70,16 +73,23 @@ class InspectReport(BaseModel):
     seed: int
     tensors: list[TensorReport]
     axes: list[AxisReport]
+    origin: dict[str, Any] = Field(default_factory=dict)  # e.g. dequantized from GGUF
+    residual: ResidualStream | None = None
     compare: str | None = None
     distances: list[DistanceReport] = Field(default_factory=list)
     files: list[str] = Field(default_factory=list)
     _samples: dict[str, dict[str, dict[str, np.ndarray]]] = PrivateAttr(default_factory=dict)
+    _neuron_norms: dict[str, np.ndarray] = PrivateAttr(default_factory=dict)  # per axis label, for the plots
 
     def tensor(self, name: str) -> TensorReport:
         for t in self.tensors:
             if t.name == name:
                 return t
         raise KeyError(name)
+
+    def neuron_norms(self) -> dict[str, np.ndarray]:
+        """Each axis instance's neuron norms, by axis label (not in the JSON)."""
+        return self._neuron_norms
 
     def samples(self, which: str = "source") -> dict[str, dict[str, np.ndarray]]:
         """Row/column norms (or entries) per tensor, for `source` or `compare` (not in the JSON)."""
@@ -132,7 +142,9 @@ def _scan(ckpt: Checkpoint, units: str) -> tuple[list, dict[str, dict[str, np.nd
     return stats, samples
 
 
-def _axis_report(fit: AxisFit, rank: int, seed: int) -> AxisReport:
+def _axis_report(fit: AxisFit, rank: int, seed: int) -> tuple[AxisReport, np.ndarray]:
+    """The axis's report, and its neurons' norms (of their features across every tensor of the axis)."""
+    norms = fit.gram.diagonal().clamp(min=0).sqrt().numpy()
     pca = NeuronPCA.from_gram(fit.gram, fit.dim, rank)
     loglik, ll_rank = held_out_log_likelihood(fit.gram, fit.dim, rank=rank, seed=seed)
     total = float(pca.spectrum.clamp(min=0).sum())
@@ -140,16 +152,19 @@ def _axis_report(fit: AxisFit, rank: int, seed: int) -> AxisReport:
                       tensors=len(fit.blocks), rank=pca.rank, explained=pca.explained,
                       effective_rank=pca.effective_rank(),
                       spectrum=[float(v) / total for v in pca.spectrum[:16]] if total > 0 else [],
-                      loglik=loglik, loglik_rank=ll_rank)
+                      loglik=loglik, loglik_rank=ll_rank, norm_tails=tail_stats(norms)), norms
 
 
 def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoint | None = None,
             out: str | Path | None = None, *, units: str = "mf", permutations: int = 199, max_dim: int = 256,
             rank: int = DEFAULT_RANK, seed: int = 0, plots: bool = True, config: Any = None,
-            allow_pickle: bool = False) -> InspectReport:
+            allow_pickle: bool = False, activations: bool = True, calibration: Sequence[str | Path] | None = None,
+            calibration_tokens: int = DEFAULT_TOKENS) -> InspectReport:
     """Inspect a checkpoint: per-tensor row/column statistics and RC covariance tests, per-axis neuron measures
-    (spectrum, held-out log-likelihood of each estimator) and, with `compare`, Wasserstein-1 / KS distances of
-    row-norm, column-norm and entry distributions. With `out`, writes `report.json` and PNG plots there."""
+    (spectrum, held-out log-likelihood of each estimator, heavy tails of the neuron norms), the residual stream's
+    per-dimension RMS on `calibration` text (random tokens without it; skipped with `activations=False`) with its
+    outlier dimensions, and, with `compare`, Wasserstein-1 / KS distances of row-norm, column-norm and entry
+    distributions. With `out`, writes `report.json` and PNG plots there."""
     if units not in ("mf", "sp", "raw"):
         raise GrowkitError(f"--units: expected mf, sp or raw, got {units!r}")
     if permutations < 1:
@@ -159,7 +174,12 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
         raise GrowkitError(f"{out}: exists and is not a directory (--out takes a directory for report.json and "
                            "plots)")
     if out is not None:
-        check_path(Path(out), [p for p in (checkpoint, compare, config) if isinstance(p, (str, Path))], "--out")
+        check_path(Path(out), [p for p in (checkpoint, compare, config, *(calibration or [])) if isinstance(p, (str, Path))], "--out")
+    for path in calibration or []:
+        if not Path(path).is_file():
+            raise GrowkitError(f"{path}: calibration file not found")
+    if calibration and not activations:
+        raise GrowkitError("--calibration is text for the activation measures, which --no-activations turns off")
     ckpt = _open(checkpoint, config, allow_pickle)
     family = family_for(ckpt.config, ckpt.source)
     sizes = family.sizes(ckpt.config)
@@ -169,11 +189,15 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     tensors: list[TensorReport] = []
     samples: dict[str, dict[str, np.ndarray]] = {}
     axes: dict[AxisKey, AxisReport] = {}
+    norms: dict[str, np.ndarray] = {}
+
+    def report_axis(key: AxisKey) -> None:
+        axes[key], norms[key_label(key)] = _axis_report(fits.pop(key), rank, seed)
     tied = family.tied(ckpt.config)
     for spec, layer, x in finite_tensors(ckpt, specs, sizes):
         if layer is not None:  # a layer's Gram matrices are complete once the next layer starts: report, drop
             for key in [k for k in fits if k[1] is not None and k[1] < layer]:
-                axes[key] = _axis_report(fits.pop(key), rank, seed)
+                report_axis(key)
         st, sm = tensor_stats(x, spec, layer, sizes, units, tied)
         view = matrix_view(x * st.unit, spec)
         rc = rc_covariance_test(view[0], permutations, max_dim, seed) if view is not None else None
@@ -185,12 +209,15 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
                 fits[block.key] = AxisFit(block.key, n, torch.zeros(n, n, dtype=torch.float64))
             fits[block.key].add(block)
     for key in list(fits):
-        axes[key] = _axis_report(fits.pop(key), rank, seed)
+        report_axis(key)
 
     report = InspectReport(checkpoint=str(ckpt.source), model_type=ckpt.model_type, family=family.name,
                            sizes=sizes.as_dict(), units=units, permutations=permutations, max_dim=max_dim, seed=seed,
-                           tensors=tensors, axes=[axes[k] for k in keys])
+                           tensors=tensors, axes=[axes[k] for k in keys], origin=ckpt.origin())
+    if activations:
+        report.residual = residual_stream(ckpt, family, specs, sizes, calibration, calibration_tokens, seed)
     report._samples["source"] = samples
+    report._neuron_norms = norms
     if compare is not None:
         other = _open(compare, None, allow_pickle)
         if family_for(other.config, other.source).name != family.name:

@@ -63,6 +63,35 @@ def summary(values: np.ndarray) -> Summary:
     return Summary(mean=float(values.mean()), std=float(values.std()), kurtosis=_none_if_nan(kurt))
 
 
+class TailStats(BaseModel):
+    """How heavy the upper tail of a set of positive values (an axis's neuron norms) is: excess kurtosis, the largest
+    over the median, and the Hill estimate of the tail index from the top tenth (smaller = heavier; None below 20
+    values), with the index of the largest value."""
+
+    count: int
+    kurtosis: float | None
+    max_over_median: float | None
+    hill_alpha: float | None
+    top: int
+
+
+def tail_stats(values: np.ndarray) -> TailStats:
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64).ravel()
+    kurt = stats.kurtosis(x) if x.size > 3 and x.std() > 0 else float("nan")
+    median = float(np.median(x))
+    hill = float("nan")
+    if x.size >= 20:
+        desc = np.sort(x)[::-1]
+        k = max(2, x.size // 10)
+        log_excess = float(np.mean(np.log(desc[:k] / desc[k]))) if desc[k] > 0 else 0.0
+        hill = 1.0 / log_excess if log_excess > 0 else float("nan")
+    return TailStats(count=int(x.size), kurtosis=_none_if_nan(kurt),
+                     max_over_median=float(x.max() / median) if median > 0 else None,
+                     hill_alpha=_none_if_nan(hill), top=int(x.argmax()))
+
+
 def side_stats(m: np.ndarray) -> tuple[SideStats, np.ndarray]:
     """Statistics of the rows of `m`, and the rows' RMS norms."""
     from scipy import stats
