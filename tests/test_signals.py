@@ -7,7 +7,6 @@ run creates a marker file there and waits; the test sends the signal once the ma
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
