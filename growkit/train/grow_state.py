@@ -136,14 +136,16 @@ def carry_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, sources: l
 def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
                    growth: Growth) -> tuple[torch.optim.Optimizer, list[tuple[int, float]], list[str]]:
     """A new optimizer of the same class over `new_model`'s parameters with `optimizer`'s state carried through
-    `growth`; also each new group's (old group, lr factor) and the parameters whose group lr is only a mean."""
+    `growth`: one group per tensor, in `named_parameters` order (so a checkpoint of it loads into groups built from
+    the grown model alone). Also each new group's (old group, lr factor) and the parameters whose lr is a mean."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         raise GrowkitError(f"growing the optimizer state needs Adam or AdamW, got {type(optimizer).__name__}")
     old = dict(model.named_parameters())
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     specs = {entry.name: (spec, layer) for entry, spec, layer in growth.entries(torch.float32)}
     axis_sizes = growth.source_axis_sizes()
-    buckets: dict[tuple[int, float, float], dict[str, Any]] = {}
+    groups: list[dict[str, Any]] = []
+    sources: list[tuple[int, float]] = []
     states: dict[torch.nn.Parameter, dict[str, Any]] = {}
     uneven: list[str] = []
     for name, param in new_model.named_parameters():
@@ -156,17 +158,15 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
         if scale.uneven:
             uneven.append(name)
         states[param] = carry_state(optimizer.state.get(source, {}), scale, param.shape)
-        key = (group_of[id(source)], scale.s, scale.t_group)
-        bucket = buckets.setdefault(key, {**grown_group(optimizer, optimizer.param_groups[key[0]], scale.s,
-                                                        scale.t_group), "params": []})
-        bucket["params"].append(param)
-        if "param_names" in optimizer.param_groups[key[0]]:
-            bucket.setdefault("param_names", []).append(name)
-    new_optimizer = type(optimizer)(list(buckets.values()))
+        old_group = optimizer.param_groups[group_of[id(source)]]
+        groups.append({**grown_group(optimizer, old_group, scale.s, scale.t_group), "params": [param],
+                       **({"param_names": [name]} if "param_names" in old_group else {})})
+        sources.append((group_of[id(source)], scale.s))
+    new_optimizer = type(optimizer)(groups)
     new_optimizer.defaults = dict(optimizer.defaults)
     for param, state in states.items():
         new_optimizer.state[param] = state
-    return new_optimizer, [(gi, s) for gi, s, _ in buckets], uneven
+    return new_optimizer, sources, uneven
 
 
 def grow_training_state(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any = None,
