@@ -344,9 +344,16 @@ def grow_model(model: Any, *, width: str | float | None = None, hidden: int | No
     return grown_model(growth).to(next(model.parameters()).device)
 
 
-def growth_of_model(model: Any, **request: Any) -> Growth:
-    """The growth of an in-memory `transformers` model (`request`: `plan_growth`'s keyword options)."""
-    return plan_growth(StateDictCheckpoint(model.state_dict(), model.config.to_dict()), **request)
+def growth_of_model(model: Any, *, untie_head: bool = False, source: str = "<model>", **request: Any) -> Growth:
+    """The growth of an in-memory `transformers` model (`request`: `plan_growth`'s keyword options).
+
+    `untie_head` grows a tied model as the untied one that computes the same function (its state dict already holds
+    the head as a copy of the embedding): the grown model gets a head of its own, exactly.
+    """
+    config = model.config.to_dict()
+    if untie_head:
+        config["tie_word_embeddings"] = False
+    return plan_growth(StateDictCheckpoint(model.state_dict(), config, source), **request)
 
 
 def grown_model(growth: Growth) -> Any:

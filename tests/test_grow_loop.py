@@ -13,7 +13,7 @@ import growkit
 from growkit.errors import GrowkitError
 from test_train import ENV, _cli, _free_port, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
 
-GROW = ["4:width=2x", "8:layers=2x,depth-method=identity"]
+GROW = ["4:width=2x,untie-head=yes", "8:layers=2x,depth-method=identity"]
 KW = dict(steps=11, lr=2e-3, batch_size=4, seq_len=64, grad_accum=2, warmup=2, quiet=True, seed=3, grow_at=GROW)
 
 
@@ -29,6 +29,7 @@ def test_grow_at_resume_before_at_and_after_a_growth_point_equals_one_run(tmp_pa
     summary = json.loads((tmp_path / "a" / "training.json").read_text())
     assert [g["step"] for g in summary["growths"]] == [4, 8]
     assert whole.model.config.n_embd == 64 and whole.model.config.n_layer == 4
+    assert not whole.model.config.tie_word_embeddings
     assert [r["step"] for r in whole.history] == list(range(1, 12))
     # Stop at 3 (before the first point), 4 (its checkpoint is from before growing), 6 (after it), 9 (after both).
     for stop, at in ((3, 3), (1, 4), (2, 6), (3, 9)):
@@ -43,6 +44,7 @@ def test_grow_at_resume_before_at_and_after_a_growth_point_equals_one_run(tmp_pa
     (["300"], "expected STEP:KEY=VALUE"),
     (["3:wdth=2x"], "'wdth=2x' is not KEY=VALUE"),
     (["3:hidden=big"], "hidden needs a number"),
+    (["3:untie-head=maybe"], "untie-head needs yes or no"),
     (["11:width=2x"], r"step must be in \[0, 11\)"),
     (["3:width=1.5x"], "needs integer ratios"),
     (["3:width=2x", "3:layers=2x"], "two growth points at step 3"),

@@ -154,3 +154,23 @@ def test_optimizers_other_than_adam_are_refused():
     model = _small("gpt2")
     with pytest.raises(GrowkitError, match="Adam or AdamW, got SGD"):
         grow_training_state(model, torch.optim.SGD(model.parameters(), lr=0.1), width="2x")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-tied"])
+def test_untie_head_at_growth_is_exact_and_gives_the_head_its_own_state(family):
+    model, opt, sched = _trained_small(family)
+    x = _batches(BEFORE + 1)[BEFORE]
+    with torch.no_grad():
+        small_logits = model(input_ids=x).logits
+    grown = grow_training_state(model, opt, sched, width="2x", untie_head=True)
+    head, emb = grown.model.get_output_embeddings().weight, grown.model.get_input_embeddings().weight
+    assert head is not emb and not grown.model.config.tie_word_embeddings
+    with torch.no_grad():
+        gap = (grown.model(input_ids=x).logits - small_logits).abs().max()
+    assert gap <= 1e-5 * small_logits.abs().max()
+    tied_avg = opt.state[model.get_input_embeddings().weight]["exp_avg"]
+    head_state = grown.optimizer.state[head]
+    assert torch.allclose(head_state["exp_avg"], tied_avg.repeat(1, 2))  # reads hidden: s = 1/2, c = 2, so t = 1
+    before = head.detach().clone()
+    _step(grown.model, grown.optimizer, grown.scheduler, x)
+    assert not torch.equal(head.detach(), before) and not torch.equal(head, emb)

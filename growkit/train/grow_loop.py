@@ -15,16 +15,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from growkit.checkpoint.reader import StateDictCheckpoint
 from growkit.errors import GrowkitError
-from growkit.pipeline import plan_growth
+from growkit.pipeline import growth_of_model
 from growkit.train.integrations import grow_prepared
+
+def _yes_no(value: str) -> bool:
+    if value.lower() not in ("yes", "no", "true", "false"):
+        raise ValueError(value)
+    return value.lower() in ("yes", "true")
+
 
 #: SPEC keys: what `--grow-at` says -> (`grow_training_state` option, parser).
 _KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "width": ("width", str), "hidden": ("hidden", int), "ffn": ("ffn", int), "heads": ("heads", int),
     "kv-heads": ("kv_heads", int), "layers": ("layers", str), "method": ("method", str),
-    "depth-method": ("depth_method", str), "seed": ("seed", int),
+    "depth-method": ("depth_method", str), "seed": ("seed", int), "untie-head": ("untie_head", _yes_no),
     "noise": ("noise_snr_db", lambda v: None if v.lower() == "none" else float(v)),
 }
 #: Symmetric noise on cloned readers unless the spec says otherwise: a noiseless clone never uses its new width.
@@ -57,7 +62,8 @@ def parse_grow_at(specs: Sequence[str]) -> list[GrowthPoint]:
             try:
                 request[name] = parse(value)
             except ValueError:
-                raise GrowkitError(f"--grow-at {spec!r}: {key} needs a number, got {value!r}") from None
+                what = "yes or no" if key == "untie-head" else "a number"
+                raise GrowkitError(f"--grow-at {spec!r}: {key} needs {what}, got {value!r}") from None
         points.append(GrowthPoint(int(step_text), request, spec))
     points.sort(key=lambda p: p.step)
     for a, b in zip(points, points[1:]):
@@ -80,9 +86,8 @@ def check_schedule(config: dict[str, Any], points: Sequence[GrowthPoint], start:
             return
         model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
         with torch.device("meta"):
-            state = AutoModelForCausalLM.from_config(model_config).state_dict()
-        config = plan_growth(StateDictCheckpoint(state, config, source=f"--grow-at {point.spec!r}"),
-                             **point.request).config
+            model = AutoModelForCausalLM.from_config(model_config)
+        config = growth_of_model(model, source=f"--grow-at {point.spec!r}", **point.request).config
 
 
 def growths_before(resume_from: Path | None, points: Sequence[GrowthPoint]) -> int:

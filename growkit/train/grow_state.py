@@ -140,7 +140,7 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
     the grown model alone). Also each new group's (old group, lr factor) and the parameters whose lr is a mean."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         raise GrowkitError(f"growing the optimizer state needs Adam or AdamW, got {type(optimizer).__name__}")
-    old = dict(model.named_parameters())
+    old = dict(model.named_parameters(remove_duplicate=False))  # an untied head's source is the tied embedding
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     specs = {entry.name: (spec, layer) for entry, spec, layer in growth.entries(torch.float32)}
     axis_sizes = growth.source_axis_sizes()
@@ -174,7 +174,8 @@ def grow_training_state(model: Any, optimizer: torch.optim.Optimizer, scheduler:
     """Grow a `transformers` model in the middle of training, together with its Adam(W) state and LR scheduler.
 
     `request` takes `growkit.grow_model`'s options (width, hidden, ffn, heads, kv_heads, layers, method,
-    depth_method, noise_snr_db, seed, operator_options). Returns the grown model (on the source's device, in its
+    depth_method, noise_snr_db, seed, operator_options) and `untie_head=True` (a tied head becomes a head of its own,
+    the function kept exactly; head and embedding both start from the tied tensor's moments). Returns the grown model (on the source's device, in its
     train/eval mode), a new optimizer of the same class with the state carried (module docstring), and `scheduler`
     re-pointed at it with its position kept. Replace your references to the old model and optimizer with these.
     """
