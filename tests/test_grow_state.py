@@ -174,3 +174,23 @@ def test_untie_head_at_growth_is_exact_and_gives_the_head_its_own_state(family):
     before = head.detach().clone()
     _step(grown.model, grown.optimizer, grown.scheduler, x)
     assert not torch.equal(head.detach(), before) and not torch.equal(head, emb)
+
+
+@pytest.mark.parametrize("mode", ["old", "new"])
+def test_freeze_trains_only_the_new_or_only_the_old_entries(mode):
+    model, opt, sched = _trained_small("llama-gqa4")
+    grown = grow_training_state(model, opt, sched, width="2x", layers=4, depth_method="stack", noise_snr_db=10.0,
+                                freeze=mode)
+    before = {n: p.detach().clone() for n, p in grown.model.named_parameters()}
+    for x in _batches(BEFORE + 3)[BEFORE:]:
+        _step(grown.model, grown.optimizer, grown.scheduler, x)
+    moved = {n: p.detach() != before[n] for n, p in grown.model.named_parameters()}
+    old_block = moved["model.layers.1.mlp.up_proj.weight"]  # layer 1 is old; its first ffn x hidden block is old
+    new_block = moved["model.layers.3.mlp.up_proj.weight"]  # stacked copy of layer 1: new throughout
+    if mode == "old":  # only new entries train
+        assert not old_block[:48, :32].any() and old_block[48:, 32:].all() and new_block.all()
+    else:
+        assert old_block[:48, :32].all() and not old_block[48:].any() and not old_block[:, 32:].any()
+        assert not new_block.any()
+    with pytest.raises(GrowkitError, match="freeze must be one of"):
+        grow_training_state(model, opt, width="2x", freeze="everything")

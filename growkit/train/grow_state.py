@@ -32,6 +32,7 @@ from growkit.arch.spec import TensorSpec
 from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.pipeline import Growth, growth_of_model, grown_model
+from growkit.train.freeze import Freeze, new_entries, new_layers, trainable_entries
 
 #: Optimizer state entries scaled like the gradient (t) and like its square (t^2).
 FIRST_MOMENTS = ("exp_avg",)
@@ -133,11 +134,19 @@ def carry_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, sources: l
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
-                   growth: Growth) -> tuple[torch.optim.Optimizer, list[tuple[int, float]], list[str]]:
+@dataclass
+class CarriedOptimizer:
+    """`grow_optimizer`'s result: the optimizer, each group's (old group, lr factor), and per parameter its scales."""
+
+    optimizer: torch.optim.Optimizer
+    sources: list[tuple[int, float]]
+    scales: dict[str, EntryScale]
+
+
+def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any, growth: Growth) -> CarriedOptimizer:
     """A new optimizer of the same class over `new_model`'s parameters with `optimizer`'s state carried through
     `growth`: one group per tensor, in `named_parameters` order (so a checkpoint of it loads into groups built from
-    the grown model alone). Also each new group's (old group, lr factor) and the parameters whose lr is a mean."""
+    the grown model alone)."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         raise GrowkitError(f"growing the optimizer state needs Adam or AdamW, got {type(optimizer).__name__}")
     old = dict(model.named_parameters(remove_duplicate=False))  # an untied head's source is the tied embedding
@@ -147,16 +156,14 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
     groups: list[dict[str, Any]] = []
     sources: list[tuple[int, float]] = []
     states: dict[torch.nn.Parameter, dict[str, Any]] = {}
-    uneven: list[str] = []
+    scales: dict[str, EntryScale] = {}
     for name, param in new_model.named_parameters():
         spec, layer = specs[name]
         source = old[spec.at(None if layer is None else growth.maps.layer_src[layer])]
         param.requires_grad_(source.requires_grad)
         if id(source) not in group_of:
             continue
-        scale = entry_scale(spec, layer, source.shape, axis_sizes, growth.maps, growth.opts)
-        if scale.uneven:
-            uneven.append(name)
+        scale = scales[name] = entry_scale(spec, layer, source.shape, axis_sizes, growth.maps, growth.opts)
         states[param] = carry_state(optimizer.state.get(source, {}), scale, param.shape)
         old_group = optimizer.param_groups[group_of[id(source)]]
         groups.append({**grown_group(optimizer, old_group, scale.s, scale.t_group), "params": [param],
@@ -166,25 +173,34 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
     new_optimizer.defaults = dict(optimizer.defaults)
     for param, state in states.items():
         new_optimizer.state[param] = state
-    return new_optimizer, sources, uneven
+    return CarriedOptimizer(new_optimizer, sources, scales)
 
 
-def grow_training_state(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                        **request: Any) -> GrownTraining:
+def grow_training_state(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any = None, *,
+                        freeze: str = "none", **request: Any) -> GrownTraining:
     """Grow a `transformers` model in the middle of training, together with its Adam(W) state and LR scheduler.
 
     `request` takes `growkit.grow_model`'s options (width, hidden, ffn, heads, kv_heads, layers, method,
     depth_method, noise_snr_db, seed, operator_options) and `untie_head=True` (a tied head becomes a head of its own,
-    the function kept exactly; head and embedding both start from the tied tensor's moments). Returns the grown model (on the source's device, in its
-    train/eval mode), a new optimizer of the same class with the state carried (module docstring), and `scheduler`
-    re-pointed at it with its position kept. Replace your references to the old model and optimizer with these.
+    the function kept exactly; head and embedding both start from the tied tensor's moments). `freeze` "old" trains
+    only what growth added, "new" only what was there (`growkit.train.freeze`). Returns the grown model (on the
+    source's device, in its train/eval mode), a new optimizer of the same class with the state carried (module
+    docstring), and `scheduler` re-pointed at it with its position kept. Replace your references to the old model
+    and optimizer with these.
     """
+    trainable_entries(freeze, {})  # an unknown mode fails before any work
     if request.get("direction", "grow") != "grow":
         raise GrowkitError("grow_training_state only grows (shrinking has no optimizer state to carry)")
     growth = growth_of_model(model, **request)
     new_model = grown_model(growth).to(next(model.parameters()).device)
     new_model.train(model.training)
-    new_optimizer, sources, uneven = grow_optimizer(model, optimizer, new_model, growth)
+    carried = grow_optimizer(model, optimizer, new_model, growth)
     if scheduler is not None:
-        carry_scheduler(scheduler, new_optimizer, sources)
-    return GrownTraining(new_model, new_optimizer, scheduler, growth, uneven)
+        carry_scheduler(scheduler, carried.optimizer, carried.sources)
+    if freeze != "none":
+        fresh_layers = new_layers(growth.maps.layer_src)
+        layer_of = {entry.name: layer for entry, _, layer in growth.entries(torch.float32)}
+        new = {name: new_entries(scale.src, layer_of[name] in fresh_layers) for name, scale in carried.scales.items()}
+        Freeze(new_model, carried.optimizer, trainable_entries(freeze, new))
+    uneven = [name for name, scale in carried.scales.items() if scale.uneven]
+    return GrownTraining(new_model, carried.optimizer, scheduler, growth, uneven)
