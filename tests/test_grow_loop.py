@@ -13,7 +13,7 @@ import growkit
 from growkit.errors import GrowkitError
 from test_train import ENV, _cli, _free_port, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
 
-GROW = ["4:width=2x,untie-head=yes", "8:layers=2x,depth-method=identity"]
+GROW = ["4:width=2x,untie-head=yes,freeze=old", "8:layers=2x,depth-method=identity"]
 KW = dict(steps=11, lr=2e-3, batch_size=4, seq_len=64, grad_accum=2, warmup=2, quiet=True, seed=3, grow_at=GROW)
 
 
@@ -45,6 +45,7 @@ def test_grow_at_resume_before_at_and_after_a_growth_point_equals_one_run(tmp_pa
     (["3:wdth=2x"], "'wdth=2x' is not KEY=VALUE"),
     (["3:hidden=big"], "hidden needs a number"),
     (["3:untie-head=maybe"], "untie-head needs yes or no"),
+    (["3:freeze=all"], "freeze needs one of none, old, new"),
     (["11:width=2x"], r"step must be in \[0, 11\)"),
     (["3:width=1.5x"], "needs integer ratios"),
     (["3:width=2x", "3:layers=2x"], "two growth points at step 3"),

@@ -37,9 +37,9 @@ def train_command(
                                                         "--start-step): read on where the small model stopped."),
     grow_at: List[str] = typer.Option([], "--grow-at", help="Grow during the run: STEP:KEY=VALUE[,...] with keys "
                                       "width, hidden, ffn, heads, kv-heads, layers, method, depth-method, noise (dB "
-                                      "or none; default 10), seed, untie-head (yes/no); e.g. 300:width=2x "
-                                      "(repeatable). The AdamW state "
-                                      "and the schedule carry over."),
+                                      "or none; default 10), seed, untie-head (yes/no), freeze (none/old/new: "
+                                      "train only the old or only the new entries until the next growth); e.g. "
+                                      "300:width=2x (repeatable). The AdamW state and the schedule carry over."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

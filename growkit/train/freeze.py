@@ -2,9 +2,10 @@
 
 "New" entries of a grown tensor are its fresh entries and every copy of a source entry but the first (for a clone
 by block tiling, the second block); every entry of a new layer (one whose source layer an earlier layer already
-copies) is new. A tensor frozen whole stops requiring gradients, so AdamW skips it (decay included). A tensor frozen
-in part gets its gradient masked and its frozen moments zeroed, and its frozen entries are put back after every
-optimizer step, because AdamW's decoupled weight decay scales the whole tensor.
+copies) is new. Frozen entries get their gradient masked and their moments zeroed, and are put back after every
+optimizer step, because AdamW's decoupled weight decay scales the whole tensor. Whole frozen tensors are treated the
+same way rather than by `requires_grad`, so freezing can be put back on a model already wrapped by DDP (on resume)
+and AdamW's step counts stay those of an uninterrupted run. The freeze lasts until the next growth.
 """
 
 from __future__ import annotations
@@ -44,9 +45,6 @@ class Freeze:
             mask = trainable.get(name)
             if mask is None or bool(mask.all()):
                 continue
-            if not bool(mask.any()):
-                param.requires_grad_(False)
-                continue
             mask = mask.to(param.device)
             param.register_hook(lambda grad, mask=mask: grad * mask)
             for value in optimizer.state.get(param, {}).values():
@@ -60,6 +58,20 @@ class Freeze:
     def restore(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for param, mask, kept in self.kept:
             param.copy_(torch.where(mask, param, kept))
+
+
+class FrozenEntries:
+    """The trainable-entry masks of a run's current freeze, saved with its checkpoints (`register_for_checkpointing`)
+    so that a resumed run freezes the same entries."""
+
+    def __init__(self) -> None:
+        self.masks: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"masks": self.masks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.masks = state["masks"]
 
 
 def trainable_entries(mode: str, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

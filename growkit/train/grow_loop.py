@@ -17,12 +17,19 @@ import torch
 
 from growkit.errors import GrowkitError
 from growkit.pipeline import growth_of_model
-from growkit.train.integrations import grow_prepared
+from growkit.train.freeze import FREEZE_MODES, Freeze, FrozenEntries
+from growkit.train.integrations import grow_prepared_run
+
+def _refuse(value: str) -> Any:
+    raise ValueError(value)
+
 
 def _yes_no(value: str) -> bool:
-    if value.lower() not in ("yes", "no", "true", "false"):
-        raise ValueError(value)
-    return value.lower() in ("yes", "true")
+    return value.lower() in ("yes", "true") if value.lower() in ("yes", "no", "true", "false") else _refuse(value)
+
+
+#: What a SPEC value must be, for the keys whose parser says more than "a number".
+_WANTS = {"untie-head": "yes or no", "freeze": f"one of {', '.join(FREEZE_MODES)}"}
 
 
 #: SPEC keys: what `--grow-at` says -> (`grow_training_state` option, parser).
@@ -30,6 +37,7 @@ _KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "width": ("width", str), "hidden": ("hidden", int), "ffn": ("ffn", int), "heads": ("heads", int),
     "kv-heads": ("kv_heads", int), "layers": ("layers", str), "method": ("method", str),
     "depth-method": ("depth_method", str), "seed": ("seed", int), "untie-head": ("untie_head", _yes_no),
+    "freeze": ("freeze", lambda v: v if v in FREEZE_MODES else _refuse(v)),
     "noise": ("noise_snr_db", lambda v: None if v.lower() == "none" else float(v)),
 }
 #: Symmetric noise on cloned readers unless the spec says otherwise: a noiseless clone never uses its new width.
@@ -62,8 +70,8 @@ def parse_grow_at(specs: Sequence[str]) -> list[GrowthPoint]:
             try:
                 request[name] = parse(value)
             except ValueError:
-                what = "yes or no" if key == "untie-head" else "a number"
-                raise GrowkitError(f"--grow-at {spec!r}: {key} needs {what}, got {value!r}") from None
+                raise GrowkitError(f"--grow-at {spec!r}: {key} needs {_WANTS.get(key, 'a number')}, got {value!r}") \
+                    from None
         points.append(GrowthPoint(int(step_text), request, spec))
     points.sort(key=lambda p: p.step)
     for a, b in zip(points, points[1:]):
@@ -87,7 +95,8 @@ def check_schedule(config: dict[str, Any], points: Sequence[GrowthPoint], start:
         model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config)
-        config = growth_of_model(model, source=f"--grow-at {point.spec!r}", **point.request).config
+        request = {k: v for k, v in point.request.items() if k != "freeze"}  # freezing is not part of the growth
+        config = growth_of_model(model, source=f"--grow-at {point.spec!r}", **request).config
 
 
 def growths_before(resume_from: Path | None, points: Sequence[GrowthPoint]) -> int:
@@ -121,16 +130,26 @@ class LoopGrowth:
         self.accelerator = accelerator
         self.log = log
         self.done: list[dict[str, Any]] = []
+        # Saved with every checkpoint (so resuming lists the same objects whether or not anything is frozen yet).
+        self.frozen = FrozenEntries()
+        accelerator.register_for_checkpointing(self.frozen)
+        self.freeze_restored = False
 
     def groups(self, model: Any, groups: list[dict[str, Any]], resume_from: Path | None) -> list[dict[str, Any]]:
         """The optimizer groups to build: `groups`, or the grown layout when resuming after a growth."""
         return resume_groups(model, groups) if growths_before(resume_from, self.points) else groups
 
     def at(self, step: int, model: Any, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
+        if not self.freeze_restored:  # a run resumed under a freeze: hold the same entries again
+            self.freeze_restored = True
+            if self.frozen.masks:
+                Freeze(self.accelerator.unwrap_model(model), optimizer.optimizer, self.frozen.masks)
         for point in self.points:
             if point.step == step:
                 before = sum(p.numel() for p in model.parameters())
-                model, optimizer, _ = grow_prepared(self.accelerator, model, optimizer, scheduler, **point.request)
+                model, optimizer, _, grown = grow_prepared_run(self.accelerator, model, optimizer, scheduler,
+                                                               **point.request)
+                self.frozen.masks = grown.trainable
                 after = sum(p.numel() for p in model.parameters())
                 self.log(f"grew at step {step} ({point.spec}): {before:,} -> {after:,} parameters")
                 self.done.append({"step": step, "spec": point.spec, "parameters": [before, after]})

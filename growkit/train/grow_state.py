@@ -64,6 +64,7 @@ class GrownTraining:
     scheduler: Any
     growth: Growth
     uneven: list[str] = field(default_factory=list)  # parameters whose group lr is a mean over uneven entries
+    trainable: dict[str, torch.Tensor] = field(default_factory=dict)  # entries that train, where `freeze` holds some
 
 
 def entry_scale(spec: TensorSpec, layer: int | None, source_shape: torch.Size, axis_sizes: dict[str, int],
@@ -197,10 +198,12 @@ def grow_training_state(model: Any, optimizer: torch.optim.Optimizer, scheduler:
     carried = grow_optimizer(model, optimizer, new_model, growth)
     if scheduler is not None:
         carry_scheduler(scheduler, carried.optimizer, carried.sources)
+    trainable: dict[str, torch.Tensor] = {}
     if freeze != "none":
         fresh_layers = new_layers(growth.maps.layer_src)
         layer_of = {entry.name: layer for entry, _, layer in growth.entries(torch.float32)}
         new = {name: new_entries(scale.src, layer_of[name] in fresh_layers) for name, scale in carried.scales.items()}
-        Freeze(new_model, carried.optimizer, trainable_entries(freeze, new))
+        trainable = trainable_entries(freeze, new)
+        Freeze(new_model, carried.optimizer, trainable)
     uneven = [name for name, scale in carried.scales.items() if scale.uneven]
-    return GrownTraining(new_model, carried.optimizer, scheduler, growth, uneven)
+    return GrownTraining(new_model, carried.optimizer, scheduler, growth, uneven, trainable)

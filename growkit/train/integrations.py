@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from growkit.train.grow_state import grow_training_state
+from growkit.train.grow_state import GrownTraining, grow_training_state
 
 
 def grow_prepared(accelerator: Any, model: Any, optimizer: Any, scheduler: Any = None,
@@ -23,6 +23,13 @@ def grow_prepared(accelerator: Any, model: Any, optimizer: Any, scheduler: Any =
     """Grow an Accelerate-prepared model, optimizer and (optional) scheduler between two steps; returns the prepared
     replacements. `request`: `grow_training_state`'s options. Every process must call it (growth is deterministic,
     so every rank grows identically)."""
+    model, optimizer, scheduler, _ = grow_prepared_run(accelerator, model, optimizer, scheduler, **request)
+    return model, optimizer, scheduler
+
+
+def grow_prepared_run(accelerator: Any, model: Any, optimizer: Any, scheduler: Any = None,
+                      **request: Any) -> tuple[Any, Any, Any, GrownTraining]:
+    """`grow_prepared`, also returning what `grow_training_state` said (the growth, uneven and frozen entries)."""
     inner_scheduler = getattr(scheduler, "scheduler", scheduler)
     grown = grow_training_state(accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer),
                                 inner_scheduler, **request)
@@ -31,7 +38,7 @@ def grow_prepared(accelerator: Any, model: Any, optimizer: Any, scheduler: Any =
     new_model, new_optimizer = accelerator.prepare(grown.model, grown.optimizer)
     if scheduler is not None and scheduler is not inner_scheduler:  # an AcceleratedScheduler: it checks its optimizers
         scheduler.optimizers = [new_optimizer if o is optimizer else o for o in scheduler.optimizers]
-    return new_model, new_optimizer, scheduler
+    return new_model, new_optimizer, scheduler, grown
 
 
 class GrowthCallback(TrainerCallback):

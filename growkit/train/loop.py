@@ -391,7 +391,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     accelerator.free_memory()
     custom = getattr(accelerator, "_custom_objects", None)  # let a reused Accelerator forget this run's objects
     if isinstance(custom, list):
-        custom[:] = [o for o in custom if o is not scheduler and o is not state]
+        custom[:] = [o for o in custom if o is not scheduler and o is not state
+                     and (growth is None or o is not growth.frozen)]
     return result
 
 
