@@ -6,7 +6,8 @@ optimizer and scheduler it returns. Accelerate wraps all three (DDP, `Accelerate
 accelerator forget the old ones and prepares the new ones. `transformers.Trainer` keeps the model in a local
 variable of its training loop, so a callback cannot replace it (transformers issue #38181): `GrowthCallback` says
 when, and `GrowingTrainer` (or `GrowingTrainerMixin` on a Trainer subclass of your own) does the swap and makes the
-loop's per-step calls use the current model.
+loop's per-step calls use the current model. (With gradient accumulation under DDP, the loop's `no_sync` still names
+the old model, so after growth every micro-batch all-reduces: correct, a little slower.)
 """
 
 from __future__ import annotations
