@@ -44,29 +44,39 @@ def bench_family(arch: str, args, acc, train_blocks, val_blocks) -> dict:
         return T.AutoModelForCausalLM.from_config(config)
 
     big_config = growkit.grow_model(small_model(), width=2).config
-    torch.manual_seed(args.seed)
-    scratch = run(T.AutoModelForCausalLM.from_config(big_config), "scratch", train_blocks, val_blocks, **common)
-    target = scratch.losses[-1]
+    scratch = None
+    if args.target is None:
+        torch.manual_seed(args.seed)
+        scratch = run(T.AutoModelForCausalLM.from_config(big_config), "scratch", train_blocks, val_blocks, **common)
+        print(f"[{arch}] scratch: {scratch.losses[-1]:.4f} after {args.steps} steps ({scratch.seconds:.0f}s)",
+              flush=True)
+    target = args.target if scratch is None else scratch.losses[-1]
     tokens = args.batch * SEQ
     small_fpt, big_fpt = flops_per_token(config, SEQ), flops_per_token(big_config, SEQ)
     scratch_flops = args.steps * tokens * big_fpt
-    print(f"[{arch}] scratch: {target:.4f} after {args.steps} steps ({scratch.seconds:.0f}s)", flush=True)
-    control = run(small_model(), "control", train_blocks, val_blocks, **common)
-    c_reach = control.first_step_at_or_below(target)
-    rows = [{"method": "control (small, no growth)", "grow_at": None, "reach": c_reach,
-             "flops": None if c_reach is None else c_reach * tokens * small_fpt, "final": control.losses[-1],
-             "seconds": round(control.seconds, 1), "curve": control.as_dict()}]
-    print(f"[{arch}] control: {control.losses[-1]:.4f}, reach {fmt(c_reach, '.0f')} ({control.seconds:.0f}s)",
-          flush=True)
+    rows = []
+    if "control" in args.methods:
+        control = run(small_model(), "control", train_blocks, val_blocks, **common)
+        c_reach = control.first_step_at_or_below(target)
+        rows.append({"method": "control (small, no growth)", "grow_at": None, "reach": c_reach,
+                     "flops": None if c_reach is None else c_reach * tokens * small_fpt, "final": control.losses[-1],
+                     "seconds": round(control.seconds, 1), "curve": control.as_dict()})
+        print(f"[{arch}] control: {control.losses[-1]:.4f}, reach {fmt(c_reach, '.0f')} ({control.seconds:.0f}s)",
+              flush=True)
     for frac in args.fractions:
         at = round(frac * args.steps / args.eval_every) * args.eval_every
-        carried = run(small_model(), f"carried @{at}", train_blocks, val_blocks, stop_below=target,
-                      grow_at=[f"{at}:width=2x,noise={NOISE_DB:g}"], **common)
-        reach = carried.first_step_at_or_below(target)
-        # The curve's steps are the run's global steps; before `at` each step costs a small model's FLOPs.
-        flops = None if reach is None else (min(reach, at) * small_fpt + max(0.0, reach - at) * big_fpt) * tokens
-        rows.append({"method": "carried state (--grow-at)", "grow_at": at, "reach": reach, "flops": flops,
-                     "final": carried.losses[-1], "seconds": round(carried.seconds, 1), "curve": carried.as_dict()})
+        if "carried" in args.methods:
+            carried = run(small_model(), f"carried @{at}", train_blocks, val_blocks, stop_below=target,
+                          grow_at=[f"{at}:width=2x,noise={NOISE_DB:g}"], **common)
+            reach = carried.first_step_at_or_below(target)
+            # The curve's steps are the run's global steps; before `at` each step costs a small model's FLOPs.
+            flops = None if reach is None else (min(reach, at) * small_fpt + max(0.0, reach - at) * big_fpt) * tokens
+            rows.append({"method": "carried state (--grow-at)", "grow_at": at, "reach": reach, "flops": flops,
+                         "final": carried.losses[-1], "seconds": round(carried.seconds, 1),
+                         "curve": carried.as_dict()})
+            report_row(arch, rows[-1], scratch_flops)
+        if "fresh" not in args.methods:
+            continue
         small = small_model()
         run(small, f"small to {at}", train_blocks, val_blocks, stop_after=at, **common)
         grown = growkit.grow_model(small, width=2, noise_snr_db=NOISE_DB, seed=args.seed)
@@ -77,13 +87,16 @@ def bench_family(arch: str, args, acc, train_blocks, val_blocks) -> dict:
         rows.append({"method": "fresh AdamW (grow, then train)", "grow_at": at,
                      "reach": None if f_reach is None else at + f_reach, "flops": f_flops, "final": fresh.losses[-1],
                      "seconds": round(fresh.seconds, 1), "curve": fresh.as_dict()})
-        for r in rows[-2:]:
-            print(f"[{arch}] {r['method']} at {at}: reach {fmt(r['reach'], '.0f')}, "
-                  f"ratio {ratio(scratch_flops, r['flops'])}, last val {r['final']:.4f}", flush=True)
+        report_row(arch, rows[-1], scratch_flops)
     for r in rows:
         r["ratio"] = None if r["flops"] is None else scratch_flops / r["flops"]
-    return {"arch": arch, "target": target, "scratch": scratch.as_dict(), "scratch_flops": scratch_flops,
+    return {"arch": arch, "target": target, "scratch": scratch and scratch.as_dict(), "scratch_flops": scratch_flops,
             "small_flops_per_token": small_fpt, "big_flops_per_token": big_fpt, "rows": rows}
+
+
+def report_row(arch: str, row: dict, scratch_flops: float) -> None:
+    print(f"[{arch}] {row['method']} at {row['grow_at']}: reach {fmt(row['reach'], '.0f')}, "
+          f"ratio {ratio(scratch_flops, row['flops'])}, last val {row['final']:.4f} ({row['seconds']:.0f}s)", flush=True)
 
 
 def ratio(scratch_flops: float, flops: float | None) -> str:
@@ -114,6 +127,10 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["control", "carried", "fresh"],
+                    choices=["control", "carried", "fresh"], help="which runs besides scratch")
+    ap.add_argument("--target", type=float, default=None,
+                    help="scratch's final loss from an earlier run with the same settings (skips the scratch run)")
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/progressive-<archs>]")
     args = ap.parse_args()
     default_out = RESULTS / f"progressive-{'-'.join(args.arch)}"
@@ -123,6 +140,8 @@ def main() -> None:
     cmd = ("python benchmarks/bench_progressive.py " + f"--arch {' '.join(args.arch)} --steps {args.steps} "
            f"--fractions {' '.join(f'{f:g}' for f in args.fractions)} --batch {args.batch} --lr {args.lr:g} "
            f"--eval-every {args.eval_every} --seed {args.seed} --threads {args.threads}"
+           + (f" --methods {' '.join(args.methods)}" if args.methods != ["control", "carried", "fresh"] else "")
+           + (f" --target {args.target:g}" if args.target is not None else "")
            + (f" --out {args.out}" if args.out != default_out else ""))
     doc = {"command": cmd, "torch": torch.__version__, "python": platform.python_version(),
            "seconds": round(time.time() - t0), "results": results}
