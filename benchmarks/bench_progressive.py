@@ -34,6 +34,7 @@ def bench_family(arch: str, args, acc, train_blocks, val_blocks) -> dict:
     import transformers as T
 
     import growkit
+    from growkit.pipeline import growth_of_model, grown_model
 
     common = dict(steps=args.steps, lr=args.lr, eval_every=args.eval_every, seed=args.seed, accelerator=acc,
                   batch_size=args.batch)
@@ -67,7 +68,8 @@ def bench_family(arch: str, args, acc, train_blocks, val_blocks) -> dict:
         at = round(frac * args.steps / args.eval_every) * args.eval_every
         if "carried" in args.methods:
             carried = run(small_model(), f"carried @{at}", train_blocks, val_blocks, stop_below=target,
-                          grow_at=[f"{at}:width=2x,noise={NOISE_DB:g}"], **common)
+                          grow_at=[f"{at}:width=2x,noise={NOISE_DB:g}{',untie-head=yes' if args.untie_head else ''}"],
+                          **common)
             reach = carried.first_step_at_or_below(target)
             # The curve's steps are the run's global steps; before `at` each step costs a small model's FLOPs.
             flops = None if reach is None else (min(reach, at) * small_fpt + max(0.0, reach - at) * big_fpt) * tokens
@@ -79,7 +81,8 @@ def bench_family(arch: str, args, acc, train_blocks, val_blocks) -> dict:
             continue
         small = small_model()
         run(small, f"small to {at}", train_blocks, val_blocks, stop_after=at, **common)
-        grown = growkit.grow_model(small, width=2, noise_snr_db=NOISE_DB, seed=args.seed)
+        grown = grown_model(growth_of_model(small, width=2, noise_snr_db=NOISE_DB, seed=args.seed,
+                                            untie_head=args.untie_head))
         fresh = run(grown, f"fresh @{at}", train_blocks, val_blocks, base_config=copy.deepcopy(small.config),
                     stop_below=target, start_step=at, **common)
         f_reach = fresh.first_step_at_or_below(target)  # steps after the growth point
@@ -131,6 +134,7 @@ def main() -> None:
                     choices=["control", "carried", "fresh"], help="which runs besides scratch")
     ap.add_argument("--target", type=float, default=None,
                     help="scratch's final loss from an earlier run with the same settings (skips the scratch run)")
+    ap.add_argument("--untie-head", action="store_true", help="untie a tied head at growth (both grown paths)")
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/progressive-<archs>]")
     args = ap.parse_args()
     default_out = RESULTS / f"progressive-{'-'.join(args.arch)}"
@@ -142,6 +146,7 @@ def main() -> None:
            f"--eval-every {args.eval_every} --seed {args.seed} --threads {args.threads}"
            + (f" --methods {' '.join(args.methods)}" if args.methods != ["control", "carried", "fresh"] else "")
            + (f" --target {args.target:g}" if args.target is not None else "")
+           + (" --untie-head" if args.untie_head else "")
            + (f" --out {args.out}" if args.out != default_out else ""))
     doc = {"command": cmd, "torch": torch.__version__, "python": platform.python_version(),
            "seconds": round(time.time() - t0), "results": results}
