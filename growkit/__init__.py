@@ -7,6 +7,7 @@ from growkit._lazy import lazy_getattr
 _LAZY = {
     "grow": "growkit.pipeline",
     "grow_model": "growkit.pipeline",
+    "grow_training_state": "growkit.train.grow_state",
     "shrink": "growkit.shrink_command",
     "load_checkpoint": "growkit.checkpoint.reader",
     "GrowkitError": "growkit.errors",

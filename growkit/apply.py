@@ -11,6 +11,7 @@ zeroed.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -289,3 +290,19 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
         x = torch.zeros_like(x)
     return x.contiguous()
+
+
+def source_index(spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int], maps: GrowthMaps) -> torch.Tensor:
+    """For each entry of the grown tensor, the flat index of the source entry it is gathered from (-1 where fresh).
+
+    Per-entry state that is not a weight (an optimizer's moments) follows the weights through this, the same
+    gathers `apply_tensor` makes, so the two cannot disagree.
+    """
+    shape = [math.prod(axis_sizes[a] for a in dim.axes) for dim in spec.dims]
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    fresh = torch.zeros((), dtype=torch.bool)
+    for i, dim in enumerate(spec.dims):
+        index, plan = _gather_dim(index, i, dim, [axis_sizes[a] for a in dim.axes],
+                                  [maps.get(a, layer) for a in dim.axes], spec.kind == "weight")
+        fresh = fresh | _along(plan.group < 0, i, len(shape))
+    return torch.where(fresh, -1, index).contiguous()

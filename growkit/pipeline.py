@@ -54,6 +54,11 @@ class Growth:
     opts: ApplyOptions
     config: dict[str, Any]
 
+    def source_axis_sizes(self) -> dict[str, int]:
+        """Size of one instance of every axis kind in the source model (what `apply_tensor` reshapes by)."""
+        return {a: self.plan.source.axis(a) for a in ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv",
+                                                      "vocab", "positions")}
+
     def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, TensorSpec, int | None]]:
         """Output tensors in write order: globals, then layer by layer, with their specs and new layer index."""
         target = self.plan.target
@@ -224,8 +229,7 @@ def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], 
 def grown_tensors(growth: Growth, dtype: torch.dtype, quiet: bool = True,
                   allow_nonfinite: bool = False) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
     """Yield each output tensor in write order, computed in fp32 from its one source tensor."""
-    axis_sizes = {a: growth.plan.source.axis(a) for a in ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv",
-                                                          "vocab", "positions")}
+    axis_sizes = growth.source_axis_sizes()
     entries = growth.entries(dtype)
     checked: set[str] = set()
     for entry, spec, layer in tqdm(entries, desc="growing", unit="tensor", disable=quiet, file=sys.stderr):
@@ -407,12 +411,22 @@ def grow_model(model: Any, *, width: str | float | None = None, hidden: int | No
                seed: int = 0, direction: Direction = "grow",
                operator_options: Mapping[str, Any] | None = None) -> Any:
     """A new `transformers` model grown from `model` in memory (fp32), for training pipelines."""
-    config = model.config.to_dict()
-    ckpt = StateDictCheckpoint(model.state_dict(), config)
-    growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
-                         method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,
-                         direction=direction, operator_options=operator_options)
+    growth = growth_of_model(model, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                             layers=layers, method=method, depth_method=depth_method, noise_snr_db=noise_snr_db,
+                             seed=seed, direction=direction, operator_options=operator_options)
     return grown_model(growth).to(next(model.parameters()).device)
+
+
+def growth_of_model(model: Any, *, untie_head: bool = False, source: str = "<model>", **request: Any) -> Growth:
+    """The growth of an in-memory `transformers` model (`request`: `plan_growth`'s keyword options).
+
+    `untie_head` grows a tied model as the untied one that computes the same function (its state dict already holds
+    the head as a copy of the embedding): the grown model gets a head of its own, exactly.
+    """
+    config = model.config.to_dict()
+    if untie_head:
+        config["tie_word_embeddings"] = False
+    return plan_growth(StateDictCheckpoint(model.state_dict(), config, source), **request)
 
 
 def grown_model(growth: Growth) -> Any:

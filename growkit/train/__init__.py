@@ -13,7 +13,7 @@ from typing import Any
 
 from growkit._lazy import lazy_getattr
 
-__all__ = ["train", "fit", "mup_param_groups", "TrainConfig", "TrainResult", "TokenBlocks", "evaluate"]
+__all__ = ["train", "fit", "grow_training_state", "mup_param_groups", "TrainConfig", "TrainResult", "TokenBlocks", "evaluate"]
 
 _LAZY = {
     "train": "growkit.train.loop",
@@ -22,6 +22,7 @@ _LAZY = {
     "TrainConfig": "growkit.train.loop",
     "TrainResult": "growkit.train.loop",
     "mup_param_groups": "growkit.train.mup",
+    "grow_training_state": "growkit.train.grow_state",
     "TokenBlocks": "growkit.train.blocks",
 }
 

@@ -35,6 +35,11 @@ def train_command(
                                            "steps START..STEPS with their LR and blocks."),
     data_start: Optional[int] = typer.Option(None, help="Stream position (steps) of the first batch (default "
                                                         "--start-step): read on where the small model stopped."),
+    grow_at: List[str] = typer.Option([], "--grow-at", help="Grow during the run: STEP:KEY=VALUE[,...] with keys "
+                                      "width, hidden, ffn, heads, kv-heads, layers, method, depth-method, noise (dB "
+                                      "or none; default 10), seed, untie-head (yes/no), freeze (none/old/new: "
+                                      "train only the old or only the new entries until the next growth); e.g. "
+                                      "300:width=2x (repeatable). The AdamW state and the schedule carry over."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -47,7 +52,8 @@ def train_command(
               text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
               grad_accum=grad_accum, warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup,
               base_width=base_width, mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every,
-              seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, quiet=quiet)
+              seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, grow_at=grow_at,
+              quiet=quiet)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
         raise Interrupted(f"{out}: training interrupted by {str(exc) or 'SIGINT'}; checkpoints saved so far are kept "
                           "(continue with --resume), the final model was not written") from None

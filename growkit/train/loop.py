@@ -72,6 +72,8 @@ class TrainConfig:
     # Stream position (in steps) of this run's first batch; default start_step. Alone, it lets a grown model read on
     # where its small model stopped (no block seen twice) under a schedule of its own.
     data_start: int | None = None
+    # Growth points "STEP:SPEC" (growkit.train.grow_loop): model, AdamW state and schedule grown between two steps.
+    grow_at: list[str] = field(default_factory=list)
     quiet: bool = False
 
     def validate(self) -> None:
@@ -92,6 +94,10 @@ class TrainConfig:
         if self.data_start is not None and self.data_start < 0:
             raise GrowkitError(f"--data-start must be >= 0, got {self.data_start}")
         check_seed(self.seed, maximum=2**32 - 1)  # numpy's generator, seeded with the others, takes 32 bits
+        if self.grow_at:
+            from growkit.train.grow_loop import parse_grow_at
+
+            parse_grow_at(self.grow_at)
         for name in ("eval_every", "save_every", "stop_after"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -303,6 +309,12 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     groups = mup_param_groups(model, base_config if use_mup else None, cfg.lr, cfg.weight_decay)
     if use_mup:
         log(f"µP groups: {describe_groups(groups)}")
+    growth = None
+    if cfg.grow_at:
+        from growkit.train.grow_loop import LoopGrowth
+
+        growth = LoopGrowth(cfg.grow_at, accelerator, log)
+        groups = growth.groups(model, groups, resume_from)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     state = TrainState(step=cfg.start_step)
@@ -361,6 +373,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     elapsed_before = state.elapsed_s
     tokens_run = 0
     while state.step < stop:
+        if growth is not None:
+            model, optimizer = growth.at(state.step, model, optimizer, scheduler)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(K):
             idx = sampler.micro_batch(state.step + data_shift, micro, rank, world, K, B)
@@ -420,7 +434,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             stop_if_diverged(None)
             summary = {"steps": state.step, "tokens": state.tokens, "train_loss": result.train_loss,
                        "eval_loss": last_eval, "elapsed_s": round(state.elapsed_s, 2), "processes": world,
-                       "mup": use_mup, "config": _jsonable(cfg), **(run_info or {})}
+                       "mup": use_mup, "config": _jsonable(cfg), **(run_info or {}),
+                       **({"growths": growth.done} if growth is not None else {})}
             extra = {"training.json": summary}
             if provenance is not None:
                 extra["growkit.json"] = {**provenance, "training": summary}
@@ -433,7 +448,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     accelerator.free_memory()
     custom = getattr(accelerator, "_custom_objects", None)  # let a reused Accelerator forget this run's objects
     if isinstance(custom, list):
-        custom[:] = [o for o in custom if o is not scheduler and o is not state]
+        custom[:] = [o for o in custom if o is not scheduler and o is not state
+                     and (growth is None or o is not growth.frozen)]
     return result
 
 
@@ -509,6 +525,10 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
         cfg.seq_len = min(512, positions or 512)
     if positions is not None and cfg.seq_len > positions:
         raise GrowkitError(f"--seq-len {cfg.seq_len} exceeds the model's {positions} positions ({ckpt / 'config.json'})")
+    if cfg.grow_at:
+        from growkit.train.grow_loop import check_schedule, parse_grow_at
+
+        check_schedule(config, parse_grow_at(cfg.grow_at), cfg.start_step, cfg.steps)
     # 2. The data.
     resolve_data_paths(data_paths)
     if eval_paths is not None:
@@ -521,8 +541,8 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
         if resume_from is None:
             raise GrowkitError(f"--resume: no checkpoint in {out} to resume from")
         saved = json.loads((resume_from / "trainer_state.json").read_text())["config"]
-        for key in ("seq_len", "batch_size", "grad_accum", "seed"):
-            if saved.get(key) != getattr(cfg, key):
+        for key in ("seq_len", "batch_size", "grad_accum", "seed", "grow_at"):
+            if saved.get(key, [] if key == "grow_at" else None) != getattr(cfg, key):
                 raise GrowkitError(f"--resume: {key} was {saved.get(key)} in {resume_from.name}, now {getattr(cfg, key)}; "
                                    f"resuming needs the same value")
     elif out.exists() and ((out / "metrics.jsonl").exists() or _checkpoints(out)):
@@ -558,7 +578,12 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
     eval_blocks = load_blocks(eval_paths, tokenizer, cfg.seq_len, cache, accelerator, text_field) if eval_paths else None
     if eval_blocks is not None and cfg.eval_every is None:
         cfg.eval_every = max(1, cfg.steps // 10)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model_dir = ckpt
+    if cfg.grow_at:
+        from growkit.train.grow_loop import resume_model_dir
+
+        model_dir = resume_model_dir(ckpt, resume_from, cfg.grow_at)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if accelerator.is_main_process and not cfg.quiet:
         print(f"growkit train: {ckpt} ({sum(p.numel() for p in model.parameters()):,} params), "
               f"{len(train_blocks):,} blocks of {cfg.seq_len} tokens, µP base: {base_source or 'off'}", file=sys.stderr)
