@@ -3,7 +3,7 @@
     python benchmarks/explore_subclone.py --seeds 101,102,103 --work /tmp/explore-subclone
 
 Per seed: a tiny model (GPT-2: 2 layers, width 64, 4 heads; or the Llama twin with --family llama) trained for
-`--steps` steps on the stdlib train split with a byte-level BPE tokenizer of `--vocab` tokens (trained here), then
+`--steps` steps (AdamW at `--lr`, make_defaults.train) on the stdlib train split with a byte-level BPE tokenizer of `--vocab` tokens (trained here), then
 `growkit.shrink --width 0.5x` with subclone (default rescale auto; calibration text: the first `--calibration-bytes`
 of the train split) and with select, and each fixed rescale candidate. Reported: validation loss right after
 shrinking (make_defaults.evaluate: the first 64 blocks of 128 tokens of the val split), and for auto each
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="101,102,103")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--width", default="0.5x")
     ap.add_argument("--calibration-bytes", type=int, default=100_000)
     ap.add_argument("--candidates", action="store_true", help="also shrink with every fixed rescale candidate")
@@ -76,12 +77,15 @@ def main() -> None:
 
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        torch.manual_seed(seed)
-        model = tiny_model(args.family, len(tok), tok)
-        source_loss = train(model, train_ids, val_ids, args.steps, 3e-3, seed)
-        src = args.work / f"{args.family}-{seed}"
-        model.save_pretrained(src)
-        tok.save_pretrained(src)
+        src = args.work / f"{args.family}-{args.vocab}-{args.steps}-{args.lr:g}-{seed}"
+        if (src / "model.safetensors").exists():  # trained by an earlier run with the same settings
+            source_loss = val_loss(src, val_ids)
+        else:
+            torch.manual_seed(seed)
+            model = tiny_model(args.family, len(tok), tok)
+            source_loss = train(model, train_ids, val_ids, args.steps, args.lr, seed)
+            model.save_pretrained(src)
+            tok.save_pretrained(src)
         row: dict = {"source": source_loss}
         out = args.work / "shrunk"
         done = growkit.shrink(src, out, width=args.width, method="subclone", calibration=[calib], seed=seed,
