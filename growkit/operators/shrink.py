@@ -121,8 +121,8 @@ class Subclone(Operator):
     reader's kept fan-in by sqrt(source energy / kept energy) (per FFN, per attention output, and once for the
     residual stream), so the readers' outputs keep their source scale; "fanin:SITES" applies the fan-in factor at
     some of those sites only (e.g. "fanin:stream+ffn"). No fixed mode wins everywhere (benchmarks/RESULTS.md), so
-    the default with calibration text is "auto": the shrunk model is built in memory for every candidate in
-    `RESCALE_CANDIDATES` (one alive at a time, all from the one importance measurement) and the one with the lowest
+    the default with calibration text is "auto": every candidate in `RESCALE_CANDIDATES` is written in turn into one
+    in-memory model of the target shape (all from the one importance measurement) and the one with the lowest
     next-token loss on held-out calibration tokens is kept. Those are the `heldout_tokens` tokens that follow the
     `calibration_tokens` used for ranking, so ranking never sees them (if the text ends sooner, its last quarter, at
     most `heldout_tokens`, is held out and the rest ranks). The choice and every candidate's loss are printed and
@@ -135,7 +135,7 @@ class Subclone(Operator):
 
     def __init__(self, calibration: Sequence[str | Path] | str | None = None, tokenizer: str | Path | None = None,
                  calibration_tokens: int = 8192, seq_len: int = 256, rescale: str | None = None,
-                 importance: str | None = None, heldout_tokens: int = 2048) -> None:
+                 importance: str | None = None, heldout_tokens: int = 1024) -> None:
         if isinstance(calibration, (str, Path)):
             calibration = [calibration]
         self.calibration = [str(c) for c in calibration or []]
