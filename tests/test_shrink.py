@@ -205,8 +205,9 @@ def test_rescale_auto_keeps_the_mode_with_the_lowest_held_out_calibration_loss(t
 
 
 def test_rescale_auto_holds_out_the_last_quarter_of_short_text(tmp_path, calib, capfd):
-    n = len(_calibration_ids(calib, TINY_GPT2))  # fewer than 8192 + 2048 (the defaults)
-    result = shrink(TINY_GPT2, tmp_path / "out", width="0.5x", calibration=[calib], quiet=True)
+    n = len(_calibration_ids(calib, TINY_GPT2))  # fewer than 8192 + 4096, and a quarter of it fewer than 4096
+    result = shrink(TINY_GPT2, tmp_path / "out", width="0.5x", calibration=[calib], quiet=True,
+                    operator_options=dict(heldout_tokens=4096))
     blocks = (n // 4) // 256 * 256  # whole blocks of 256 tokens
     assert result.provenance["options"]["rescale_heldout_tokens"] == blocks
     assert f"ranks on the first {n - n // 4} and measures the modes on {blocks} of the last {n // 4}" in \
