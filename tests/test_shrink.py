@@ -86,6 +86,23 @@ def _planted_llama() -> StateDictCheckpoint:
     return StateDictCheckpoint(sd, model.config.to_dict())
 
 
+def test_source_model_is_filled_from_the_checkpoint_or_refused():
+    """Models for importance and for rescale candidates are made without random init and filled tensor by tensor:
+    every weight must come from the checkpoint (the logits equal transformers' own load), and a checkpoint that
+    lacks a weight is refused instead of leaving uninitialised memory in the model."""
+    from growkit.verify import model_from_checkpoint
+
+    model = T.AutoModelForCausalLM.from_pretrained(TINY_LLAMA).eval()
+    state, config = model.state_dict(), model.config.to_dict()
+    ids = torch.arange(32).view(1, 32)
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(StateDictCheckpoint(state, config))(input_ids=ids).logits,
+                           model(input_ids=ids).logits)
+    partial = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(GrowkitError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+        model_from_checkpoint(StateDictCheckpoint(partial, config))
+
+
 @pytest.mark.parametrize("importance", ["activations", "weights"])
 def test_importance_ranking_picks_planted_neurons_heads_and_blocks(calib, importance):
     options = dict(calibration=[str(calib)], tokenizer=str(TINY_LLAMA)) if importance == "activations" else {}
