@@ -31,13 +31,13 @@ SEQ = 128
 BATCH = 16
 
 
-def train_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+def train_tokenizer(out: Path, vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     """Byte-level BPE (GPT-2 style pre-tokenizer), so any byte string round-trips."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,

@@ -35,7 +35,7 @@ from growkit.operators import get_operator
 from growkit.operators.base import Operator
 from growkit.plan import Direction, GrowthPlan, check_loadable, make_plan
 from growkit.resources import check_disk, check_memory
-from growkit.verify import model_with_weights, verify_growth
+from growkit.verify import empty_model, fill_model, verify_growth
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -429,11 +429,13 @@ def growth_of_model(model: Any, *, untie_head: bool = False, source: str = "<mod
     return plan_growth(StateDictCheckpoint(model.state_dict(), config, source), **request)
 
 
-def grown_model(growth: Growth) -> Any:
-    """The grown model as a `transformers` model in memory (fp32, on the CPU)."""
+def grown_model(growth: Growth, into: Any | None = None) -> Any:
+    """The grown model as a `transformers` model in memory (fp32, on the CPU), tensor by tensor. `into`: a model of
+    the grown config to overwrite in place instead of making a new one (to try several candidate growths)."""
+    model = into if into is not None else empty_model(growth.config)
     with single_threaded():
-        state = {entry.name: tensor for entry, tensor in grown_tensors(growth, torch.float32)}
-    new_model, missing, unexpected = model_with_weights(growth.config, state, growth.opts.tied)
+        tensors = ((entry.name, tensor) for entry, tensor in grown_tensors(growth, torch.float32))
+        missing, unexpected = fill_model(model, tensors, growth.opts.tied)
     if missing or unexpected:
         raise RuntimeError(f"grown state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    return new_model
+    return model

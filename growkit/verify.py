@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import sysconfig
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +16,65 @@ from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 
 
-def model_with_weights(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                       tied: bool) -> tuple[Any, list[str], list[str]]:
-    """A fp32 `transformers` model of `config` holding `state`, with the weights it lacks (a tied head excepted) and
-    the names it does not know. With a tied head the embedding is the head, so a stale `lm_head.weight` in `state`
-    is not loaded over it."""
+def _no_weight_init() -> Any:
+    """transformers' context that skips random weight initialisation (its module moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def empty_model(config: Mapping[str, Any]) -> Any:
+    """A fp32 `transformers` model of `config` whose weights are allocated but not initialised: every weight is about
+    to be overwritten, and a random init of a 100M-parameter model costs seconds and writes every page of it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
-    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    with _no_weight_init():
+        return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+
+
+def fill_model(model: Any, tensors: Iterable[tuple[str, torch.Tensor]], tied: bool) -> tuple[list[str], list[str]]:
+    """Copy named tensors into `model`'s weights one at a time (so only one tensor besides the model is alive) and
+    return the weights left unfilled (a tied head excepted) and the names it does not know. With a tied head the
+    embedding is the head, so a stale `lm_head.weight` is not copied over it."""
+    own = model.state_dict()
     head = {"lm_head.weight"} if tied else set()
-    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name in head:
+                continue
+            if name not in own:
+                unexpected.append(name)
+                continue
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise RuntimeError(f"{name}: shape {list(tensor.shape)} does not fit the model's "
+                                   f"{list(own[name].shape)}")
+            own[name].copy_(tensor)
+            filled.add(name)
     model.tie_weights()
-    return model, sorted(set(missing) - head), sorted(unexpected)
+    return sorted(set(own) - filled - head), sorted(unexpected)
+
+
+def model_with_weights(config: Mapping[str, Any],
+                       state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       tied: bool) -> tuple[Any, list[str], list[str]]:
+    """A fp32 `transformers` model of `config` holding `state` (a mapping or (name, tensor) pairs, consumed one
+    at a time), with the weights it lacks (a tied head excepted) and the names it does not know."""
+    model = empty_model(config)
+    missing, unexpected = fill_model(model, state.items() if isinstance(state, Mapping) else state, tied)
+    return model, missing, unexpected
 
 
 def model_from_checkpoint(ckpt: Checkpoint) -> Any:
-    """A fp32 `transformers` model with the checkpoint's weights, whatever the checkpoint's form (dir, file, memory)."""
+    """A fp32 `transformers` model with the checkpoint's weights, whatever the checkpoint's form (dir, file, memory);
+    tensors are read one at a time, so the peak is the model plus one tensor."""
     family = family_for(ckpt.config, ckpt.source)
-    state = {name: ckpt.get(name) for name in ckpt.names()}
-    model, missing, unexpected = model_with_weights(ckpt.config, state, family.tied(ckpt.config))
+    tensors = ((name, ckpt.get(name)) for name in ckpt.names())
+    model, missing, unexpected = model_with_weights(ckpt.config, tensors, family.tied(ckpt.config))
     buffers = {n for n, _ in model.named_buffers()}
     stray = [n for n in unexpected if n not in buffers and not n.endswith(family.ignorable)]
     if missing or stray:

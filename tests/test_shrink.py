@@ -86,6 +86,23 @@ def _planted_llama() -> StateDictCheckpoint:
     return StateDictCheckpoint(sd, model.config.to_dict())
 
 
+def test_source_model_is_filled_from_the_checkpoint_or_refused():
+    """Models for importance and for rescale candidates are made without random init and filled tensor by tensor:
+    every weight must come from the checkpoint (the logits equal transformers' own load), and a checkpoint that
+    lacks a weight is refused instead of leaving uninitialised memory in the model."""
+    from growkit.verify import model_from_checkpoint
+
+    model = T.AutoModelForCausalLM.from_pretrained(TINY_LLAMA).eval()
+    state, config = model.state_dict(), model.config.to_dict()
+    ids = torch.arange(32).view(1, 32)
+    with torch.no_grad():
+        assert torch.equal(model_from_checkpoint(StateDictCheckpoint(state, config))(input_ids=ids).logits,
+                           model(input_ids=ids).logits)
+    partial = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(GrowkitError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+        model_from_checkpoint(StateDictCheckpoint(partial, config))
+
+
 @pytest.mark.parametrize("importance", ["activations", "weights"])
 def test_importance_ranking_picks_planted_neurons_heads_and_blocks(calib, importance):
     options = dict(calibration=[str(calib)], tokenizer=str(TINY_LLAMA)) if importance == "activations" else {}
@@ -205,8 +222,9 @@ def test_rescale_auto_keeps_the_mode_with_the_lowest_held_out_calibration_loss(t
 
 
 def test_rescale_auto_holds_out_the_last_quarter_of_short_text(tmp_path, calib, capfd):
-    n = len(_calibration_ids(calib, TINY_GPT2))  # fewer than 8192 + 2048 (the defaults)
-    result = shrink(TINY_GPT2, tmp_path / "out", width="0.5x", calibration=[calib], quiet=True)
+    n = len(_calibration_ids(calib, TINY_GPT2))  # fewer than 8192 + 4096, and a quarter of it fewer than 4096
+    result = shrink(TINY_GPT2, tmp_path / "out", width="0.5x", calibration=[calib], quiet=True,
+                    operator_options=dict(heldout_tokens=4096))
     blocks = (n // 4) // 256 * 256  # whole blocks of 256 tokens
     assert result.provenance["options"]["rescale_heldout_tokens"] == blocks
     assert f"ranks on the first {n - n // 4} and measures the modes on {blocks} of the last {n // 4}" in \

@@ -185,11 +185,12 @@ def token_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def _heads_view(w: torch.Tensor, spec: TensorSpec, sizes: Sizes) -> torch.Tensor:
-    """The head reader's weight as [out, kv, qgroup, head_dim], whatever its layout (Linear or Conv1D)."""
+def _head_gram(w: torch.Tensor, spec: TensorSpec, sizes: Sizes) -> torch.Tensor:
+    """W_h^T W_h of each head's slice of the head reader, [kv, qgroup, head_dim, head_dim], whatever the reader's
+    layout (Linear or Conv1D)."""
     i = spec.dims.index(Dim(HEAD_AXES, "in"))
-    w = w.movedim(i, -1)
-    return w.reshape(-1, sizes.kv_heads, sizes.qgroup, sizes.head_dim)
+    w = w.movedim(i, -1).reshape(-1, sizes.kv_heads, sizes.qgroup, sizes.head_dim)
+    return torch.einsum("okqd,okqe->kqde", w, w)
 
 
 def _ffn_writer_norm(w: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
@@ -217,7 +218,7 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     norm_sq = {s: torch.zeros(sizes.hidden) for s in sites}
     norm_share = {s: torch.zeros(sizes.hidden) for s in sites}
     w_ffn = [_ffn_writer_norm(ckpt.get(parts.ffn_reader.at(l)), parts.ffn_reader) for l in range(L)]
-    w_heads = [_heads_view(ckpt.get(parts.head_reader.at(l)), parts.head_reader, sizes) for l in range(L)]
+    gram = [_head_gram(ckpt.get(parts.head_reader.at(l)), parts.head_reader, sizes) for l in range(L)]
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).float()
@@ -232,10 +233,10 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     def on_heads(layer: int):
         def hook(module: Any, args: tuple) -> None:
             a = flat(args[0]).view(-1, sizes.kv_heads, sizes.qgroup, sizes.head_dim)
-            for chunk in a.split(256):
-                c = torch.einsum("nkqd,okqd->nkqo", chunk, w_heads[layer]).norm(dim=-1)
-                head_abs[layer].add_(c.sum(0))
-                head_sq[layer].add_((c**2).sum(0))
+            # ||W_o,h a_h||^2 = a_h . (G_h a_h): head_dim^2 per head and token instead of head_dim x hidden
+            sq = (torch.einsum("nkqd,kqde->nkqe", a, gram[layer]) * a).sum(-1).clamp(min=0)
+            head_abs[layer].add_(sq.sqrt().sum(0))
+            head_sq[layer].add_(sq.sum(0))
         return hook
 
     def on_norm_in(site: str):
@@ -275,8 +276,9 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
             module = model.get_submodule(_module_name(site))
             handles.append(module.register_forward_pre_hook(on_norm_in(site)))
             handles.append(module.register_forward_hook(on_norm_out(site)))
+        body = model.base_model  # no LM head: the hooks never see the logits, the largest tensor of the pass
         for batch in tokens.split(batch_size):
-            model(input_ids=batch)
+            body(input_ids=batch, use_cache=False)
             count += batch.numel()
     finally:
         for h in handles:

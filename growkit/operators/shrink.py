@@ -121,8 +121,8 @@ class Subclone(Operator):
     reader's kept fan-in by sqrt(source energy / kept energy) (per FFN, per attention output, and once for the
     residual stream), so the readers' outputs keep their source scale; "fanin:SITES" applies the fan-in factor at
     some of those sites only (e.g. "fanin:stream+ffn"). No fixed mode wins everywhere (benchmarks/RESULTS.md), so
-    the default with calibration text is "auto": the shrunk model is built in memory for every candidate in
-    `RESCALE_CANDIDATES` (one alive at a time, all from the one importance measurement) and the one with the lowest
+    the default with calibration text is "auto": every candidate in `RESCALE_CANDIDATES` is written in turn into one
+    in-memory model of the target shape (all from the one importance measurement) and the one with the lowest
     next-token loss on held-out calibration tokens is kept. Those are the `heldout_tokens` tokens that follow the
     `calibration_tokens` used for ranking, so ranking never sees them (if the text ends sooner, its last quarter, at
     most `heldout_tokens`, is held out and the rest ranks). The choice and every candidate's loss are printed and
@@ -135,7 +135,7 @@ class Subclone(Operator):
 
     def __init__(self, calibration: Sequence[str | Path] | str | None = None, tokenizer: str | Path | None = None,
                  calibration_tokens: int = 8192, seq_len: int = 256, rescale: str | None = None,
-                 importance: str | None = None, heldout_tokens: int = 2048) -> None:
+                 importance: str | None = None, heldout_tokens: int = 1024) -> None:
         if isinstance(calibration, (str, Path)):
             calibration = [calibration]
         self.calibration = [str(c) for c in calibration or []]
@@ -239,8 +239,10 @@ class Subclone(Operator):
 
     def choose_rescale(self, imp: Importance, ckpt: Checkpoint, family: Family, specs: list[TensorSpec],
                        plan: GrowthPlan, seed: int) -> str:
-        """Build the shrunk model for each rescale mode in memory (one alive at a time; the importance scores are
-        measured once and shared) and keep the mode with the lowest loss on the held-out calibration tokens."""
+        """Build the shrunk model for each rescale mode in memory and keep the mode with the lowest loss on the
+        held-out calibration tokens. The importance scores are measured once and the candidates share one model
+        (they differ only in their weights, so each is written over the last), so trying them costs a forward pass
+        each, not a model each."""
         from growkit.pipeline import grown_model, growth_with_maps  # the pipeline imports the operators
         from growkit.verify import next_token_loss
 
@@ -251,11 +253,14 @@ class Subclone(Operator):
             self.calibration_blocks(ckpt, plan)
         assert self.heldout is not None
         self.rescale_losses = {}
+        model, config = None, None
         for mode in RESCALE_CANDIDATES:
             maps = self.rescaled_maps(imp, plan, mode)  # sets the norm gains that `adjust` applies
-            model = grown_model(growth_with_maps(ckpt, family, specs, plan, self, maps, seed))
-            self.rescale_losses[mode] = next_token_loss(model.eval(), self.heldout)
-            del model
+            growth = growth_with_maps(ckpt, family, specs, plan, self, maps, seed)
+            model = grown_model(growth, into=model if growth.config == config else None).eval()
+            config = growth.config
+            self.rescale_losses[mode] = next_token_loss(model, self.heldout, batch_size=1)
+        del model
         self.rescale_chosen = min(RESCALE_CANDIDATES, key=self.rescale_losses.__getitem__)
         losses = ", ".join(f"{m} {v:.4f}" for m, v in self.rescale_losses.items())
         print(f"growkit: subclone rescale auto: {self.rescale_chosen} (loss on {self.heldout.numel()} held-out "
