@@ -45,8 +45,8 @@ def _exact(result) -> dict:
 
 
 @pytest.mark.parametrize("family", RMS_FAMILIES)
-@pytest.mark.parametrize("method", ["net2net", "copy-pad"])
-def test_net2net_and_copy_pad_at_a_non_integer_ratio_are_exact(tmp_path, family, method):
+@pytest.mark.parametrize("method", ["net2net", "copy-pad", "subclone"])
+def test_any_ratio_growth_is_exact(tmp_path, family, method):
     result = grow(save_massive(family, tmp_path / "src"), tmp_path / "out", method=method, verify=True,
                   quiet=True, **ONE_AND_A_HALF)
     _exact(result)

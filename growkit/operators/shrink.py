@@ -20,7 +20,7 @@ from growkit.arch.spec import FFN, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, 
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps
-from growkit.operators.base import Operator
+from growkit.operators.base import Operator, stream_exact
 from growkit.operators.depth import depth_map
 from growkit.operators.importance import (
     Importance, ModelParts, activation_importance, calibration_ids, token_blocks, weight_importance,
@@ -279,6 +279,8 @@ class Subclone(Operator):
         sites = fanin_sites(rescale) if plan.direction == "shrink" else None
         fanin = sites or frozenset()
         hidden = self._map(imp.hidden, tgt.hidden, imp.hidden_energy if "stream" in fanin else None)
+        if tgt.hidden > src.hidden:  # ranked duplicates give uneven multiplicities: exact under RMSNorm as net2net
+            hidden = stream_exact(HIDDEN, hidden)
         per_layer: dict[tuple[str, int], AxisMap] = {}
         for new_layer, s in enumerate(layer_src):
             ffn_energy = imp.ffn_energy[s] if "ffn" in fanin else None
