@@ -8,8 +8,11 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from growkit.interrupts import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,3 +139,18 @@ def write_safetensors(path: Path, header: dict[str, Any], data: bytes) -> None:
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)
     path.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+
+
+def start_paused(point: str, marker: Path, *args: str | Path, cwd: Path = REPO) -> subprocess.Popen[str]:
+    """Start `growkit ARGS`, which will wait at `point` (growkit.interrupts.pause_point); returns once it is there
+    (the marker exists), so a test can send a signal at that exact point instead of at a guessed moment."""
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(**{PAUSE_ENV: f"{point}:{marker}", "OMP_NUM_THREADS": "1"}), cwd=cwd,
+                            preexec_fn=_child_setup)
+    deadline = time.monotonic() + 600  # generous: only a run that never gets there waits this long
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run never reached {point}: {proc.communicate()}")
+        time.sleep(0.02)
+    return proc

@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from huggingface_hub import ModelCard
 
 from cli_helper import REPO, run_cli
+from cli_util import start_paused
 from growkit.errors import GrowkitError
-from growkit.interrupts import PAUSE_ENV
 from hub_fixtures import hub, hub_env, tiny_gpt2, tiny_llama  # noqa: F401 (fixtures)
 from growkit.recipe import load_recipe, parse_set, run_recipe
 from localhub import TOKEN
@@ -271,11 +270,7 @@ def test_unknown_train_option_names_the_field(tmp_path):
 
 def test_interrupted_run_says_so(tmp_path, tiny_gpt2):
     """Ctrl-C during a recipe's training step: one line naming the recipe, exit 130, the grow step's output kept."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     text = REPO / "growkit" / "recipe.py"
     path = write(tmp_path, f"""
@@ -284,16 +279,9 @@ out: trained
 grow: {{width: 2}}
 train: {{data: [{text}], steps: 100000, batch_size: 2, seq_len: 32, save_every: 2}}
 """)
-    # The run waits after its first training checkpoint until the signal comes (growkit.interrupts.pause_point):
-    # sending it at a guessed moment was flaky on a busy machine.
-    marker = tmp_path / "paused"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", PAUSE_ENV: f"checkpoint-saved:{marker}"}
-    proc = subprocess.Popen([sys.executable, "-m", "growkit.cli", "run", str(path), "-q"], stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=tmp_path)
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run never saved a checkpoint"
-        time.sleep(0.05)
+    # The run waits after its first training checkpoint until the signal comes: sending it at a guessed moment was
+    # flaky on a busy machine.
+    proc = start_paused("checkpoint-saved", tmp_path / "paused", "run", path, "-q", cwd=tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -10,28 +10,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import growkit
-from cli_util import _child_setup, assert_nothing_written, cli_command, cli_env, error_line, snapshot
-from growkit.interrupts import PAUSE_ENV
+from cli_util import assert_nothing_written, cli_env, error_line, snapshot, start_paused
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def start_paused(point: str, marker: Path, *args: str | Path) -> subprocess.Popen[str]:
-    """Start `growkit ARGS`, which will wait at `point`; returns once it is there (the marker exists)."""
-    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(**{PAUSE_ENV: f"{point}:{marker}", "OMP_NUM_THREADS": "1"}), cwd=REPO,
-                            preexec_fn=_child_setup)
-    deadline = time.monotonic() + 600  # generous: only a run that never gets there waits this long
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"the run never reached {point}: {proc.communicate()}")
-        time.sleep(0.02)
-    return proc
 
 
 def test_sigint_during_start_up_is_acted_on_not_swallowed(tmp_path, tiny):

@@ -15,8 +15,8 @@ import transformers as T
 from safetensors.torch import load_file
 
 import growkit
+from cli_util import start_paused
 from growkit.errors import GrowkitError
-from growkit.interrupts import PAUSE_ENV
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks
 from growkit.train.data import stdlib_files, write_stdlib_corpus
 
@@ -146,19 +146,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_interrupted_training_says_so_and_keeps_its_checkpoints(tmp_path, corpus):
     import signal
-    import time
 
     ckpt = fresh_checkpoint(tmp_path / "ckpt", "gpt2")
     out = tmp_path / "run"
-    marker = tmp_path / "paused"  # the run waits after its first checkpoint until the signal comes
-    proc = subprocess.Popen([sys.executable, "-m", "growkit.cli", "train", str(ckpt), "--data", str(corpus["train"]),
-                             "-o", str(out), "--steps", "100000", "--save-every", "2", "--batch-size", "2",
-                             "--seq-len", "32", "-q"], stderr=subprocess.PIPE, text=True,
-                            env={**ENV, PAUSE_ENV: f"checkpoint-saved:{marker}"})
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run never saved a checkpoint"
-        time.sleep(0.05)
+    # the run waits after its first checkpoint until the signal comes
+    proc = start_paused("checkpoint-saved", tmp_path / "paused", "train", ckpt, "--data", corpus["train"], "-o", out,
+                        "--steps", "100000", "--save-every", "2", "--batch-size", "2", "--seq-len", "32", "-q")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
