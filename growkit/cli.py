@@ -33,7 +33,7 @@ def _memory_excepthook(kind: type[BaseException], exc: BaseException, tb: object
     os._exit(2)
 
 
-sys.excepthook = _memory_excepthook
+_previous_excepthook, sys.excepthook = sys.excepthook, _memory_excepthook
 
 import typer  # noqa: E402
 
@@ -44,6 +44,8 @@ from growkit.measure.command import inspect_command  # noqa: E402
 from growkit.recipe import run_command  # noqa: E402
 from growkit.shrink_command import shrink_command  # noqa: E402
 from growkit.train.cli import train_command  # noqa: E402
+
+sys.excepthook = _previous_excepthook  # the imports are done: a program importing growkit.cli keeps its own hook
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink trained language-model checkpoints.")
@@ -93,13 +95,13 @@ def main() -> None:
     except GrowkitError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
-    except KeyboardInterrupt as exc:
-        typer.echo(f"error: interrupted by {str(exc) or 'SIGINT'}; nothing was written at the output path", err=True)
-        sys.exit(130)
     except SystemExit as exc:  # click ends every command with one, 0 when it succeeded
         if exc.code in (0, None) and interrupts.pending() is not None:
             typer.echo(f"growkit: note: {interrupts.pending()} arrived after the work was complete; finished "
                        "normally", err=True)
+        if exc.code == 130:  # click turned a KeyboardInterrupt that no command caught into a bare exit 130
+            typer.echo(f"error: interrupted by {interrupts.pending() or 'SIGINT'}; the command did not finish",
+                       err=True)
         raise
     except (MemoryError, RuntimeError, OSError) as exc:
         if not out_of_memory(exc):

@@ -66,10 +66,6 @@ class AxisMap:
     def fresh(self) -> torch.Tensor:
         return self.src < 0
 
-    def is_identity(self) -> bool:
-        return (self.new == self.old and self.scale is None and self.writer is None and self.reader_noise is None
-                and bool(torch.equal(self.src, torch.arange(self.old))))
-
     def multiplicity(self) -> torch.Tensor:
         """How many new positions copy each new position's source (1 for fresh neurons)."""
         counts = torch.bincount(self.src[~self.fresh], minlength=self.old)

@@ -329,14 +329,18 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
          direction: Direction = "grow", operator_options: Mapping[str, Any] | None = None) -> GrowResult:
     """Grow the checkpoint at `src` into a new Hugging Face checkpoint directory `out`, streamed and atomic."""
     src = Path(src)
-    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
+    # Checks of the arguments alone first: loading can be costly (a GGUF file is dequantized whole).
+    shard_bytes = parse_size(max_shard_size)
+    check_seed(seed)
+    check_noise_snr_db(noise_snr_db)
+    asked_dtype = parse_dtype(dtype)
     out = Path(out) if out is not None else default_output(src, direction)
     check_output(out, input_paths(src, config, operator_options), overwrite)
-    shard_bytes = parse_size(max_shard_size)
+    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
     growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                          method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,
                          direction=direction, operator_options=operator_options)
-    out_dtype = parse_dtype(dtype) or ckpt.storage_dtype()
+    out_dtype = asked_dtype or ckpt.storage_dtype()
     options = {"seed": seed, "noise_snr_db": noise_snr_db, "dtype": str(out_dtype).removeprefix("torch."),
                "base_model": base_model, **dict(operator_options or {}), **growth.operator.settings()}
     provenance = provenance_for(growth, str(src), command, options)

@@ -45,12 +45,9 @@ def shrink_options(method: str, calibration: list[str | Path] | str | Path | Non
         owner = next(m for m, keys in METHOD_OPTIONS.items() if key in keys)
         if owner != method:
             raise GrowkitError(f"--method {method} does not use --{key.replace('_', '-')} (only {owner} does)")
-    from growkit.train.blocks import check_text_file
+    from growkit.train.blocks import check_calibration_files
 
-    for path in given.get("calibration", []):
-        if not Path(path).is_file():
-            raise GrowkitError(f"{path}: calibration file not found")
-        check_text_file(Path(path), "calibration file")
+    check_calibration_files(given.get("calibration", []))
     options: dict[str, Any] = {**dict(extra or {}), **given}
     if method == "subclone":
         options.setdefault("importance", "activations" if given.get("calibration") else "weights")

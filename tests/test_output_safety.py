@@ -179,12 +179,14 @@ def test_odd_output_paths_get_one_line_and_leave_nothing(world, tmp_path):
     assert link.resolve() == first.resolve()
 
 
-def test_shrink_calibration_refuses_binary_like_train(world, tmp_path):
+def test_shrink_and_inspect_calibration_refuse_binary_like_train(world, tmp_path):
     binary = tmp_path / "blob.txt"
     binary.write_bytes(bytes(range(256)) * 8)
     out = tmp_path / "small"
     with pytest.raises(GrowkitError, match=rf"calibration file {binary} is not UTF-8 text \(byte 128\)"):
         growkit.shrink(world["src"], out, width="0.5x", calibration=binary)
+    with pytest.raises(GrowkitError, match=rf"calibration file {binary} is not UTF-8 text \(byte 128\)"):
+        growkit.inspect(world["src"], calibration=[binary], plots=False)
     with pytest.raises(GrowkitError, match=rf"data file {binary} is not UTF-8 text \(byte 128\)"):
         growkit.train(world["src"], binary, tmp_path / "run", steps=2, batch_size=2, seq_len=16, quiet=True)
     assert not out.exists()

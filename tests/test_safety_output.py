@@ -26,6 +26,7 @@ from cli_util import assert_nothing_written, cli_command, cli_env, error_line, r
 from conftest import randomize, save_tiny
 from test_train import TOKENIZER
 
+from growkit import grow
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.train.loop import resolve_base_config
@@ -358,3 +359,16 @@ def test_mup_stays_off_for_a_shrunk_checkpoint(srcs, tmp_path):
     grown = growkit.grow(srcs["llama"], tmp_path / "grown", width="2x", quiet=True).out_dir
     base, _ = resolve_base_config(grown, json.loads((grown / "config.json").read_text()), None, None)
     assert base is not None and base["hidden_size"] == 32
+
+
+@pytest.mark.parametrize("option,message", [(dict(seed=-1), "--seed must be"), (dict(max_shard_size="0"),
+                                            "--max-shard-size"), (dict(dtype="fp8"), "--dtype: expected one of"),
+                                            (dict(noise_snr_db=float("nan")), "--noise-snr-db must be")])
+def test_arguments_are_checked_before_the_source_is_read(tmp_path, option, message):
+    """A bad argument is refused before the source is opened (loading can be costly: a GGUF file is dequantized whole),
+    so the message names the argument even when the source is unreadable too."""
+    src = tmp_path / "broken.safetensors"
+    src.write_bytes(b"not a safetensors file")
+    with pytest.raises(GrowkitError, match=message):
+        grow(src, tmp_path / "out", width="2x", **option)
+    assert not (tmp_path / "out").exists()

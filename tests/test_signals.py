@@ -119,3 +119,15 @@ def test_data_cache_is_complete_or_absent(tmp_path):
     again = load_blocks([good], tokenizer, 16, cache)
     assert len(again) == len(first) and (again.batch([0]) == first.batch([0])).all()
     assert sorted(p.suffix for p in cache.iterdir()) == [".bin", ".json"]
+
+
+def test_interrupted_command_without_a_handler_of_its_own_says_so(tmp_path, tiny):
+    """`inspect` catches no KeyboardInterrupt itself (click turns one into a bare exit 130): the run still ends with
+    one line that says it was interrupted, and leaves no report behind."""
+    out = tmp_path / "report"
+    proc = start_paused("measuring", tmp_path / "paused", "inspect", tiny("gpt2"), "--no-activations", "-o", out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert error_line(proc.returncode, err, "interrupted by SIGINT", "did not finish")
+    assert not out.exists()

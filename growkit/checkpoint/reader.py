@@ -80,11 +80,9 @@ class SafetensorsCheckpoint(Checkpoint):
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._span: dict[str, tuple[int, int]] = {}
-        self._metadata: dict[str, str] = {}
         for file in files:
             handle = _open_safetensors(file)
             spans = _data_spans(file)
-            self._metadata.update(handle.metadata() or {})
             for name in handle.keys():
                 if name in self._where:
                     raise GrowkitError(f"{file}: tensor {name} also appears in {self._where[name]}")
@@ -132,9 +130,6 @@ class SafetensorsCheckpoint(Checkpoint):
         if sys.byteorder != "little" and dtype.itemsize > 1:  # safetensors stores little-endian
             tensor = torch.from_numpy(tensor.numpy().byteswap())
         return tensor.to(torch.float32)  # a new tensor either way: `raw` belongs to this call alone
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self._metadata)
 
 
 class StateDictCheckpoint(Checkpoint):

@@ -492,11 +492,6 @@ def scan_temporaries(out: Path) -> list[Temporary]:
     return found
 
 
-def stale_temporaries(out: Path) -> list[Path]:
-    """Temporary directories a crashed run left beside `out` (their writer process is gone)."""
-    return [t.path for t in scan_temporaries(out) if t.state == "stale"]
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field, PrivateAttr
 
+from growkit import interrupts
 from growkit.arch.registry import family_for
 from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes, TensorSpec
 from growkit.checkpoint.outputs import check_path
@@ -24,6 +25,7 @@ from growkit.measure.fit import AxisFit
 from growkit.measure.rc import Distance, RCTest, distance, rc_covariance_test
 from growkit.measure.stats import TailStats, TensorStats, matrix_view, tail_stats, tensor_stats
 from growkit.pipeline import all_finite, check_seed
+from growkit.train.blocks import check_calibration_files
 
 
 class TensorReport(TensorStats):
@@ -174,10 +176,9 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
         raise GrowkitError(f"{out}: exists and is not a directory (--out takes a directory for report.json and "
                            "plots)")
     if out is not None:
-        check_path(Path(out), [p for p in (checkpoint, compare, config, *(calibration or [])) if isinstance(p, (str, Path))], "--out")
-    for path in calibration or []:
-        if not Path(path).is_file():
-            raise GrowkitError(f"{path}: calibration file not found")
+        inputs = [p for p in (checkpoint, compare, config, *(calibration or [])) if isinstance(p, (str, Path))]
+        check_path(Path(out), inputs, "--out")
+    check_calibration_files(calibration or [])
     if calibration and not activations:
         raise GrowkitError("--calibration is text for the activation measures, which --no-activations turns off")
     ckpt = _open(checkpoint, config, allow_pickle)
@@ -194,6 +195,7 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     def report_axis(key: AxisKey) -> None:
         axes[key], norms[key_label(key)] = _axis_report(fits.pop(key), rank, seed)
     tied = family.tied(ckpt.config)
+    interrupts.pause_point("measuring")
     for spec, layer, x in finite_tensors(ckpt, specs, sizes):
         if layer is not None:  # a layer's Gram matrices are complete once the next layer starts: report, drop
             for key in [k for k in fits if k[1] is not None and k[1] < layer]:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,14 @@ def resolve_data_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
 def not_text(path: Path, byte: int, what: str = "data file") -> GrowkitError:
     """The one message for a file that should be text and is not (binary, or another encoding)."""
     return GrowkitError(f"{what} {path} is not UTF-8 text (byte {byte})")
+
+
+def check_calibration_files(paths: Iterable[str | Path]) -> None:
+    """Calibration text (subclone's ranking, inspect's activations) must exist and be UTF-8, like training data."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise GrowkitError(f"{path}: calibration file not found")
+        check_text_file(Path(path), "calibration file")
 
 
 def check_text_file(path: Path, what: str = "data file") -> None:

@@ -444,7 +444,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         accelerator.wait_for_everyone()
     log(f"done: {state.step} steps, train loss {result.train_loss:.4f}"
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
-        + (f"; stopped early, resume with --resume" if not finished else ""))
+        + ("; stopped early, resume with --resume" if not finished else ""))
     accelerator.free_memory()
     custom = getattr(accelerator, "_custom_objects", None)  # let a reused Accelerator forget this run's objects
     if isinstance(custom, list):
