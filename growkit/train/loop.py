@@ -436,11 +436,11 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                        "eval_loss": last_eval, "elapsed_s": round(state.elapsed_s, 2), "processes": world,
                        "mup": use_mup, "config": _jsonable(cfg), **(run_info or {}),
                        **({"growths": growth.done} if growth is not None else {})}
+            card = _card_provenance(provenance, summary, run_info)
             extra = {"training.json": summary}
-            if provenance is not None:
-                extra["growkit.json"] = {**provenance, "training": summary}
-            _export_final(accelerator, model, out_dir, tokenizer, extra, _card_provenance(provenance, summary,
-                                                                                           run_info))
+            if provenance is not None:  # then `card` is exactly the source's provenance with the training added
+                extra["growkit.json"] = card
+            _export_final(accelerator, model, out_dir, tokenizer, extra, card)
         accelerator.wait_for_everyone()
     log(f"done: {state.step} steps, train loss {result.train_loss:.4f}"
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
