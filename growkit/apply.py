@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from growkit.arch.spec import HIDDEN, Dim, TensorSpec
+from growkit.arch.spec import HIDDEN, Dim, Sizes, TensorSpec
 from growkit.maps import AxisMap, GrowthMaps
 
 
@@ -50,9 +50,7 @@ def generator_for(seed: int, *parts: object) -> torch.Generator:
 
 def _gated_positions(dim: Dim, sizes: list[int], is_weight: bool) -> torch.Tensor:
     """Positions along a dim whose fresh entries are random rather than zero (see `Dim.gated`)."""
-    total = 1
-    for s in sizes:
-        total *= s
+    total = math.prod(sizes)
     if not is_weight or dim.gated is False:
         return torch.zeros(total, dtype=torch.bool)
     if dim.gated is True:
@@ -88,10 +86,7 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
         zero_side = (zero_side[:, None] | (f & torch.tensor(z))[None, :]).reshape(-1)
         fresh, scale = fresh_k, (scale[:, None] * s[None, :]).reshape(-1)
         writer = (writer[:, None] * w[None, :]).reshape(-1)
-    total = 1
-    for s in new_sizes:
-        total *= s
-    x = x.reshape(lead + [total] + trail)
+    x = x.reshape(lead + [math.prod(new_sizes)] + trail)
     group = torch.where(fresh, -1, group)
     if dim.role == "elem":
         rand, zero = torch.zeros_like(fresh), torch.zeros_like(fresh)
@@ -200,9 +195,10 @@ def _reader_noise(x: torch.Tensor, dim_index: int, new_sizes: list[int], maps: l
     return noise
 
 
-def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int],
-                 maps: GrowthMaps, opts: ApplyOptions) -> torch.Tensor:
-    """The grown value of one fp32 source tensor `x` described by `spec`, in new layer `layer`.
+def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Sizes, maps: GrowthMaps,
+                 opts: ApplyOptions) -> torch.Tensor:
+    """The grown value of one fp32 source tensor `x` described by `spec` (at the source's `sizes`), in new layer
+    `layer`.
 
     `x` itself is never modified, but the result may share its memory where nothing changes (identity maps).
     """
@@ -212,9 +208,8 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     plans: list[_DimPlan] = []
     dim_maps: list[list[AxisMap | None]] = []
     for i, dim in enumerate(spec.dims):
-        sizes = [axis_sizes[a] for a in dim.axes]
         factor_maps = [maps.get(a, layer) for a in dim.axes]
-        x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.kind == "weight")
+        x, plan = _gather_dim(x, i, dim, sizes.factors(dim), factor_maps, spec.kind == "weight")
         plans.append(plan)
         dim_maps.append(factor_maps)
     # Gathering made a new tensor unless every map was the identity; only a tensor of our own is changed in place
@@ -233,7 +228,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     for i, (dim, plan, factor_maps) in enumerate(zip(spec.dims, plans, dim_maps)):
         if dim.role != "in":
             continue
-        new_sizes = [m.new if m is not None else axis_sizes[a] for a, m in zip(dim.axes, factor_maps)]
+        new_sizes = [m.new if m is not None else n for n, m in zip(sizes.factors(dim), factor_maps)]
         noise = _reader_noise(x, i, new_sizes, factor_maps, src_name,
                               generator_for(opts.seed, "reader-noise", spec.at(layer), i))
         if opts.noise_snr_db is not None:
@@ -292,17 +287,17 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     return x.contiguous()
 
 
-def source_index(spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int], maps: GrowthMaps) -> torch.Tensor:
+def source_index(spec: TensorSpec, layer: int | None, sizes: Sizes, maps: GrowthMaps) -> torch.Tensor:
     """For each entry of the grown tensor, the flat index of the source entry it is gathered from (-1 where fresh).
 
     Per-entry state that is not a weight (an optimizer's moments) follows the weights through this, the same
     gathers `apply_tensor` makes, so the two cannot disagree.
     """
-    shape = [math.prod(axis_sizes[a] for a in dim.axes) for dim in spec.dims]
+    shape = sizes.shape(spec)
     index = torch.arange(math.prod(shape)).reshape(shape)
     fresh = torch.zeros((), dtype=torch.bool)
     for i, dim in enumerate(spec.dims):
-        index, plan = _gather_dim(index, i, dim, [axis_sizes[a] for a in dim.axes],
-                                  [maps.get(a, layer) for a in dim.axes], spec.kind == "weight")
+        index, plan = _gather_dim(index, i, dim, sizes.factors(dim), [maps.get(a, layer) for a in dim.axes],
+                                  spec.kind == "weight")
         fresh = fresh | _along(plan.group < 0, i, len(shape))
     return torch.where(fresh, -1, index).contiguous()

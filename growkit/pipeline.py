@@ -54,11 +54,6 @@ class Growth:
     opts: ApplyOptions
     config: dict[str, Any]
 
-    def source_axis_sizes(self) -> dict[str, int]:
-        """Size of one instance of every axis kind in the source model (what `apply_tensor` reshapes by)."""
-        return {a: self.plan.source.axis(a) for a in ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv",
-                                                      "vocab", "positions")}
-
     def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, TensorSpec, int | None]]:
         """Output tensors in write order: globals, then layer by layer, with their specs and new layer index."""
         target = self.plan.target
@@ -66,7 +61,7 @@ class Growth:
         for layer in [None, *range(target.layers)]:
             for spec in self.specs:
                 if spec.per_layer == (layer is not None):
-                    shape = tuple(_dim_size(d.axes, target) for d in spec.dims)
+                    shape = target.shape(spec)
                     out.append((TensorEntry(spec.at(layer), shape, dtype), spec, layer))
         return out
 
@@ -76,13 +71,6 @@ class GrowResult:
     out_dir: Path
     provenance: dict[str, Any]
     plan: GrowthPlan
-
-
-def _dim_size(axes: tuple[str, ...], sizes: Sizes) -> int:
-    n = 1
-    for a in axes:
-        n *= sizes.axis(a)
-    return n
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -99,7 +87,7 @@ def check_tensors(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], siz
     expected: set[str] = set()
     for spec, layer in ((spec, layer) for spec in specs for layer in (range(sizes.layers) if spec.per_layer else [None])):
         # Checked as they are listed, so a config claiming 10**12 layers fails at the first missing one.
-        name, shape = spec.at(layer), tuple(_dim_size(d.axes, sizes) for d in spec.dims)
+        name, shape = spec.at(layer), sizes.shape(spec)
         expected.add(name)
         if name not in names:
             raise GrowkitError(f"{ckpt.source}: tensor {name} is missing (expected for a {ckpt.model_type} model "
@@ -229,7 +217,6 @@ def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], 
 def grown_tensors(growth: Growth, dtype: torch.dtype, quiet: bool = True,
                   allow_nonfinite: bool = False) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
     """Yield each output tensor in write order, computed in fp32 from its one source tensor."""
-    axis_sizes = growth.source_axis_sizes()
     entries = growth.entries(dtype)
     checked: set[str] = set()
     for entry, spec, layer in tqdm(entries, desc="growing", unit="tensor", disable=quiet, file=sys.stderr):
@@ -241,7 +228,7 @@ def grown_tensors(growth: Growth, dtype: torch.dtype, quiet: bool = True,
                 raise GrowkitError(f"{growth.ckpt.source}: tensor {src_name} contains NaN or Inf "
                                    "(pass --allow-nonfinite to grow it anyway)")
             checked.add(src_name)
-        y = apply_tensor(x, spec, layer, axis_sizes, growth.maps, growth.opts)
+        y = apply_tensor(x, spec, layer, growth.plan.source, growth.maps, growth.opts)
         y = growth.operator.adjust(spec, layer, y, growth.maps)
         out = y.to(dtype)
         if not all_finite(out) and (not allow_nonfinite or all_finite(x)):

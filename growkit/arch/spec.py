@@ -7,6 +7,7 @@ tiling of kv heads plus a map inside each query group keeps every query head in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -86,6 +87,18 @@ class Sizes:
             HEAD_DIM: self.head_dim, QKV: 3, VOCAB: self.vocab, POSITIONS: self.positions,
         }[kind]
 
+    def factors(self, dim: Dim) -> list[int]:
+        """Sizes of the axes a dimension is the (row-major) product of."""
+        return [self.axis(a) for a in dim.axes]
+
+    def dim_size(self, dim: Dim) -> int:
+        """Size of one tensor dimension: the product of its axes' sizes."""
+        return math.prod(self.factors(dim))
+
+    def shape(self, spec: TensorSpec) -> tuple[int, ...]:
+        """Shape of a tensor at these sizes."""
+        return tuple(self.dim_size(d) for d in spec.dims)
+
     def replace(self, **changes: int) -> "Sizes":
         return replace(self, **changes)
 
@@ -131,14 +144,7 @@ class Family:
 
 def parameter_count(specs: list[TensorSpec], sizes: Sizes) -> int:
     """Number of parameters of a model with these tensors at these sizes (tied head counted once)."""
-    total = 0
-    for spec in specs:
-        n = 1
-        for dim in spec.dims:
-            for axis in dim.axes:
-                n *= sizes.axis(axis)
-        total += n * (sizes.layers if spec.per_layer else 1)
-    return total
+    return sum(math.prod(sizes.shape(spec)) * (sizes.layers if spec.per_layer else 1) for spec in specs)
 
 
 class HeadsUnknown(ValueError):

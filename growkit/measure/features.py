@@ -32,16 +32,6 @@ def key_label(key: AxisKey) -> str:
     return kind if layer is None else f"{kind}@{layer}"
 
 
-def dim_sizes(spec: TensorSpec, sizes: Sizes) -> list[int]:
-    out = []
-    for dim in spec.dims:
-        n = 1
-        for a in dim.axes:
-            n *= sizes.axis(a)
-        out.append(n)
-    return out
-
-
 def fan_in(spec: TensorSpec, sizes: Sizes, tied: bool = False) -> int:
     """Size of the tensor's reader (input) dimension; 1 for embeddings, norms and biases.
 
@@ -50,7 +40,7 @@ def fan_in(spec: TensorSpec, sizes: Sizes, tied: bool = False) -> int:
     """
     if tied and spec.final_norm:
         return sizes.hidden
-    for dim, n in zip(spec.dims, dim_sizes(spec, sizes)):
+    for dim, n in zip(spec.dims, sizes.shape(spec)):
         if dim.role == "in":
             return n
     return 1
@@ -76,7 +66,7 @@ def axis_features(x: torch.Tensor, spec: TensorSpec, sizes: Sizes, kind: str) ->
     """
     for i, dim in enumerate(spec.dims):
         if kind in dim.axes:
-            factors = [sizes.axis(a) for a in dim.axes]
+            factors = sizes.factors(dim)
             k = dim.axes.index(kind)
             y = x.reshape(list(x.shape[:i]) + factors + list(x.shape[i + 1:])).movedim(i + k, 0)
             return y.reshape(factors[k], -1)

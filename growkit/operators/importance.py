@@ -78,10 +78,6 @@ def _module_name(tensor_name: str) -> str:
     return tensor_name.removesuffix(".weight")
 
 
-def _dim_sizes(dim: Dim, sizes: Sizes) -> list[int]:
-    return [sizes.axis(a) for a in dim.axes]
-
-
 def axis_energy(x: torch.Tensor, spec: TensorSpec, sizes: Sizes, keep: tuple[str, ...]) -> torch.Tensor | None:
     """Sum of x^2 over everything but the axes `keep` (in that order; an axis the tensor lacks is summed as size 1).
 
@@ -93,7 +89,7 @@ def axis_energy(x: torch.Tensor, spec: TensorSpec, sizes: Sizes, keep: tuple[str
     shape: list[int] = []
     for dim in spec.dims:
         factors += list(dim.axes)
-        shape += _dim_sizes(dim, sizes)
+        shape += sizes.factors(dim)
     e = (x.reshape(shape) ** 2)
     present = [a for a in keep if a in factors]
     others = [i for i, a in enumerate(factors) if a not in present]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from growkit.apply import ApplyOptions, apply_tensor, generator_for
-from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, Sizes, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps, ReaderNoise
@@ -43,7 +43,6 @@ from growkit.plan import GrowthPlan
 ORDER = (HIDDEN, KV_HEADS, QGROUP, FFN)
 DEFAULT_ESTIMATOR = "empirical"  # plain atoms: needs no fit (kde and gaussian read every tensor twice more)
 SAMPLINGS = ("iid", "stratified")
-_AXES = ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv", "vocab", "positions")
 
 
 @dataclass
@@ -78,7 +77,7 @@ class RCSample(Operator):
         self._ckpt: Checkpoint | None = None
         self._extended: GrowthMaps | None = None
         self._opts: ApplyOptions | None = None
-        self._sizes: dict[str, int] = {}
+        self._sizes: Sizes | None = None
         self._layer_src: list[int] = []
 
     def settings(self) -> dict[str, Any]:
@@ -91,7 +90,7 @@ class RCSample(Operator):
         layer_src, identity = depth_map(plan.depth_method, plan.source.layers, plan.target.layers)
         self._shrink = plan.direction == "shrink"
         self._layer_src = layer_src
-        self._sizes = {a: plan.source.axis(a) for a in _AXES}
+        self._sizes = plan.source
         resized = [k for k in GROWABLE if plan.source.axis(k) != plan.target.axis(k)]
         keys: set[tuple[str, int | None]] = set()
         for kind in resized:
@@ -179,7 +178,7 @@ class RCSample(Operator):
         if not steps:
             return tensor
         src_layer = None if layer is None else self._layer_src[layer]
-        assert self._ckpt is not None and self._extended is not None and self._opts is not None
+        assert self._ckpt is not None and self._extended is not None and self._opts is not None and self._sizes
         x = apply_tensor(self._ckpt.get(spec.at(src_layer)), spec, layer, self._sizes, self._extended, self._opts)
         reader_scale = self._reader_scale(spec, layer)
         for i, kind, draw in steps:
@@ -191,7 +190,8 @@ class RCSample(Operator):
     def _current(self, kind: str, layer: int | None) -> int:
         """Size of an axis in the tensor `adjust` works on (source + target block)."""
         draw = self.draws.get((kind, layer if kind in PER_LAYER else None))
-        return self._sizes[kind] if draw is None else draw.n + draw.new
+        assert self._sizes is not None
+        return self._sizes.axis(kind) if draw is None else draw.n + draw.new
 
     def _mix(self, x: torch.Tensor, spec: TensorSpec, i: int, kind: str, layer: int | None, draw: AxisDraw,
              std: float, gen: torch.Generator | None) -> torch.Tensor:

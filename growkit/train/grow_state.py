@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from growkit.apply import ApplyOptions, apply_tensor, source_index
-from growkit.arch.spec import TensorSpec
+from growkit.arch.spec import Sizes, TensorSpec
 from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.pipeline import Growth, growth_of_model, grown_model
@@ -67,11 +67,11 @@ class GrownTraining:
     trainable: dict[str, torch.Tensor] = field(default_factory=dict)  # entries that train, where `freeze` holds some
 
 
-def entry_scale(spec: TensorSpec, layer: int | None, source_shape: torch.Size, axis_sizes: dict[str, int],
+def entry_scale(spec: TensorSpec, layer: int | None, source_shape: torch.Size, sizes: Sizes,
                 maps: GrowthMaps, opts: ApplyOptions) -> EntryScale:
     """s and t of every entry of one grown tensor, probed through the same apply path as the weights."""
-    s = apply_tensor(torch.ones(source_shape), spec, layer, axis_sizes, maps, replace(opts, noise_snr_db=None))
-    src = source_index(spec, layer, axis_sizes, maps)
+    s = apply_tensor(torch.ones(source_shape), spec, layer, sizes, maps, replace(opts, noise_snr_db=None))
+    src = source_index(spec, layer, sizes, maps)
     live = (src >= 0) & (s != 0)
     src = torch.where(live, src, -1)
     copies = torch.bincount(src[live], minlength=source_shape.numel())[src.clamp(min=0)]
@@ -153,7 +153,6 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
     old = dict(model.named_parameters(remove_duplicate=False))  # an untied head's source is the tied embedding
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     specs = {entry.name: (spec, layer) for entry, spec, layer in growth.entries(torch.float32)}
-    axis_sizes = growth.source_axis_sizes()
     groups: list[dict[str, Any]] = []
     sources: list[tuple[int, float]] = []
     states: dict[torch.nn.Parameter, dict[str, Any]] = {}
@@ -164,7 +163,7 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
         param.requires_grad_(source.requires_grad)
         if id(source) not in group_of:
             continue
-        scale = scales[name] = entry_scale(spec, layer, source.shape, axis_sizes, growth.maps, growth.opts)
+        scale = scales[name] = entry_scale(spec, layer, source.shape, growth.plan.source, growth.maps, growth.opts)
         states[param] = carry_state(optimizer.state.get(source, {}), scale, param.shape)
         old_group = optimizer.param_groups[group_of[id(source)]]
         groups.append({**grown_group(optimizer, old_group, scale.s, scale.t_group), "params": [param],
