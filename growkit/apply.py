@@ -2,8 +2,8 @@
 
 A tensor's new value is its old value gathered along each resized axis; then noise on duplicated readers (symmetric
 noise asked with `noise_snr_db`, an operator's reader noise), made to sum to zero over each neuron's copies so the
-function is unchanged; then reader dimensions multiplied by the map's reader scale and, on RMSNorm families, residual
-writers by the hidden map's writer scale and hidden norm gains divided by it; fresh neurons filled (zeros on the side
+function is unchanged; then reader dimensions multiplied by the map's reader scale and, where every norm on the
+residual stream is an RMSNorm, residual writers by the hidden map's writer scale and hidden norm gains divided by it; fresh neurons filled (zeros on the side
 that keeps them silent, small random values on the other so they can train), and identity blocks' residual writers
 zeroed.
 """
@@ -26,7 +26,7 @@ class ApplyOptions:
     """Model-wide facts and choices that `apply_tensor` needs besides the maps."""
 
     tied: bool
-    rms_norm: bool
+    rms_stream: bool  # every norm on the residual stream is an RMSNorm (`growkit.arch.spec.rms_stream`)
     seed: int = 0
     noise_snr_db: float | None = None
 
@@ -241,7 +241,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
             x, owned = x + _zero_sum(noise, i, plan.group), True
 
     ndim = x.dim()
-    rms_stream = opts.rms_norm and maps.hidden.writer is not None
+    rms_stream = opts.rms_stream and maps.hidden.writer is not None
     for i, (dim, plan) in enumerate(zip(spec.dims, plans)):
         factor = torch.ones(plan.scale.shape)
         if dim.role == "in" or (spec.final_norm and opts.tied and HIDDEN in dim.axes):
@@ -274,7 +274,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
             # Fresh RMSNorm gains scale a zero stream entry, so any value is exact: take the mean so they train like
             # the rest. Under LayerNorm a zero entry normalises to -mean/std, which a non-zero gain would pass on.
             fill = torch.tensor(0.0)
-            if spec.kind == "norm_weight" and opts.rms_norm and bool((~elem_fresh).any()):
+            if spec.kind == "norm_weight" and spec.norm and spec.norm.kind == "rms" and bool((~elem_fresh).any()):
                 fill = torch.tensor(stable_mean(x[~elem_fresh]), dtype=x.dtype)
             x = torch.where(elem_fresh, fill, x)
         owned = True

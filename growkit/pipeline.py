@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from growkit import __version__
 from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
-from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
+from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count, rms_stream
 from growkit.arch.validate import check_source_config, config_problem, size_type_problem
 from growkit.checkpoint.files import check_support_files, copy_support_files
 from growkit.checkpoint.outputs import check_output
@@ -209,7 +209,7 @@ def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], 
     problem = config_problem(family, config)
     if problem is not None:  # the plan's config passed; this one differs only by the layer map
         raise GrowkitError(f"{ckpt.source}: the {plan.direction} would write a config that does not load: {problem}")
-    opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed,
+    opts = ApplyOptions(tied=family.tied(ckpt.config), rms_stream=rms_stream(specs), seed=seed,
                         noise_snr_db=noise_snr_db)
     return Growth(ckpt, family, specs, plan, operator, maps, opts, config)
 

@@ -146,11 +146,12 @@ def verify_growth(ckpt: Checkpoint, directory: Path, seed: int = 0) -> dict[str,
     else on random tokens, saying why (on stderr too when a tokenizer is there but unusable)."""
     source = model_from_checkpoint(ckpt)
     grown, info = load_grown(directory)
-    length = min(64, int(ckpt.config.get("n_positions") or ckpt.config.get("max_position_embeddings") or 64))
+    sizes = family_for(ckpt.config, ckpt.source).sizes(ckpt.config)
+    length = min(64, sizes.positions or 64)
     tokens, why_not = text_tokens(directory, length)
     what = f"stdlib textwrap.py, {2 * length} tokens"
     if tokens is None:
-        tokens = random_tokens(int(ckpt.config["vocab_size"]), seed=seed, length=length)
+        tokens = random_tokens(sizes.vocab, seed=seed, length=length)
         what = f"random tokens {tuple(tokens.shape)}, seed {seed} ({why_not})"
         if tokenizer_files(directory):
             print(f"growkit: note: --verify compared on random tokens: {why_not}", file=sys.stderr)

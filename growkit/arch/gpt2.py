@@ -5,19 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, Dim, Family, Norm, Sizes, TensorSpec,
     heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
 _HEADS = (KV_HEADS, QGROUP, HEAD_DIM)
 _PREFIX = "transformer."  # GPT2LMHeadModel's base_model_prefix
+_LN = Norm("layer", eps_key="layer_norm_epsilon")
 
 
 class GPT2Family(Family):
     def __init__(self) -> None:
-        super().__init__(name="gpt2", model_types=("gpt2",), norm="layer", norm_eps_key="layer_norm_epsilon",
-                         ignorable=(".attn.bias", ".attn.masked_bias"))
+        super().__init__(name="gpt2", model_types=("gpt2",), ignorable=(".attn.bias", ".attn.masked_bias"))
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
         hidden, heads = int(config["n_embd"]), int(config["n_head"])
@@ -35,15 +35,15 @@ class GPT2Family(Family):
         h = f"{p}h.{{}}."
         hid_e = (Dim((HIDDEN,), "elem"),)
         layer = [
-            TensorSpec(h + "ln_1.weight", hid_e, "norm_weight", per_layer=True),
-            TensorSpec(h + "ln_1.bias", hid_e, "norm_bias", per_layer=True),
+            TensorSpec(h + "ln_1.weight", hid_e, "norm_weight", per_layer=True, norm=_LN),
+            TensorSpec(h + "ln_1.bias", hid_e, "norm_bias", per_layer=True, norm=_LN),
             TensorSpec(h + "attn.c_attn.weight", (Dim((HIDDEN,), "in"), Dim((QKV, *_HEADS), "out", gated=(0, 1))),
                        per_layer=True),
             TensorSpec(h + "attn.c_attn.bias", (Dim((QKV, *_HEADS), "out"),), "bias", per_layer=True),
             TensorSpec(h + "attn.c_proj.weight", (Dim(_HEADS, "in"), Dim((HIDDEN,), "out")), per_layer=True),
             TensorSpec(h + "attn.c_proj.bias", (Dim((HIDDEN,), "out"),), "bias", per_layer=True),
-            TensorSpec(h + "ln_2.weight", hid_e, "norm_weight", per_layer=True),
-            TensorSpec(h + "ln_2.bias", hid_e, "norm_bias", per_layer=True),
+            TensorSpec(h + "ln_2.weight", hid_e, "norm_weight", per_layer=True, norm=_LN),
+            TensorSpec(h + "ln_2.bias", hid_e, "norm_bias", per_layer=True, norm=_LN),
             TensorSpec(h + "mlp.c_fc.weight", (Dim((HIDDEN,), "in"), Dim((FFN,), "out")), per_layer=True),
             TensorSpec(h + "mlp.c_fc.bias", (Dim((FFN,), "out"),), "bias", per_layer=True),
             TensorSpec(h + "mlp.c_proj.weight", (Dim((FFN,), "in"), Dim((HIDDEN,), "out")), per_layer=True),
@@ -53,8 +53,8 @@ class GPT2Family(Family):
             TensorSpec(f"{p}wte.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "out")), "embedding"),
             TensorSpec(f"{p}wpe.weight", (Dim((POSITIONS,), "elem"), Dim((HIDDEN,), "out")), "embedding"),
             *layer,
-            TensorSpec(f"{p}ln_f.weight", hid_e, "norm_weight", final_norm=True),
-            TensorSpec(f"{p}ln_f.bias", hid_e, "norm_bias", final_norm=True),
+            TensorSpec(f"{p}ln_f.weight", hid_e, "norm_weight", final_norm=True, norm=_LN),
+            TensorSpec(f"{p}ln_f.bias", hid_e, "norm_bias", final_norm=True, norm=_LN),
         ]
         if not self.tied(config):
             specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "in"))))

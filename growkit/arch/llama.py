@@ -7,12 +7,14 @@ import re
 from typing import Any
 
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Norm, Sizes, TensorSpec, heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
 _KV = (KV_HEADS, HEAD_DIM)
+#: Every norm, Qwen3's per-head q/k norms included, is an RMSNorm reading the one `rms_norm_eps`
+_RMS = Norm("rms", eps_key="rms_norm_eps")
 
 #: model_type -> (q/k/v always carry a bias, per-head q/k RMSNorm)
 _VARIANTS = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
@@ -22,8 +24,7 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
 
 class LlamaFamily(Family):
     def __init__(self) -> None:
-        super().__init__(name="llama", model_types=tuple(_VARIANTS), norm="rms", norm_eps_key="rms_norm_eps",
-                         ignorable=(".rotary_emb.inv_freq",),
+        super().__init__(name="llama", model_types=tuple(_VARIANTS), ignorable=(".rotary_emb.inv_freq",),
                          unrecorded=("rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings"))
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
@@ -54,24 +55,26 @@ class LlamaFamily(Family):
             return specs
 
         layer = [
-            TensorSpec("model.layers.{}.input_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", per_layer=True),
+            TensorSpec("model.layers.{}.input_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", per_layer=True,
+                       norm=_RMS),
             *linear(a + "q_proj", Dim(_Q, "out", gated=True), hid_in, qkv_bias),
             *linear(a + "k_proj", Dim(_KV, "out", gated=True), hid_in, qkv_bias),
             *linear(a + "v_proj", Dim(_KV, "out"), hid_in, qkv_bias),
             *linear(a + "o_proj", hid_out, Dim(_Q, "in"), o_bias),
             TensorSpec("model.layers.{}.post_attention_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight",
-                       per_layer=True),
+                       per_layer=True, norm=_RMS),
             *linear(m + "gate_proj", Dim((FFN,), "out", gated=True), hid_in, mlp_bias),
             *linear(m + "up_proj", Dim((FFN,), "out"), hid_in, mlp_bias),
             *linear(m + "down_proj", hid_out, Dim((FFN,), "in"), mlp_bias),
         ]
         if qk_norm:
-            layer += [TensorSpec(a + f"{x}_norm.weight", (Dim((HEAD_DIM,), "elem"),), "norm_weight", per_layer=True)
+            layer += [TensorSpec(a + f"{x}_norm.weight", (Dim((HEAD_DIM,), "elem"),), "norm_weight", per_layer=True,
+                                 norm=_RMS)
                       for x in ("q", "k")]
         specs = [
             TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), hid_out), "embedding"),
             *layer,
-            TensorSpec("model.norm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", final_norm=True),
+            TensorSpec("model.norm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", final_norm=True, norm=_RMS),
         ]
         if not self.tied(config):
             specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), hid_in)))

@@ -27,6 +27,7 @@ PER_LAYER = (FFN, KV_HEADS, QGROUP)
 
 Role = Literal["out", "in", "elem"]
 Kind = Literal["weight", "bias", "norm_weight", "norm_bias", "embedding"]
+NORM_KINDS = ("norm_weight", "norm_bias")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ class Dim:
 
 
 @dataclass(frozen=True)
+class Norm:
+    """How a norm tensor's layer normalises, so that every gain, eps and statistics correction reads it from the
+    spec, not from the family: `kind` "rms" (x / rms(x)) or "layer" (the mean removed first, LayerNorm), and the
+    config entry that holds its eps. A norm of another form (a (1 + w) gain, no parameters) is a new field here."""
+
+    kind: Literal["rms", "layer"]
+    eps_key: str
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """A tensor of the model, with `{}` in `name` standing for the layer index of per-layer tensors."""
 
@@ -54,6 +65,11 @@ class TensorSpec:
     kind: Kind = "weight"
     per_layer: bool = False
     final_norm: bool = False  # with a tied head, this norm carries the head's fan-in correction
+    norm: Norm | None = None  # the norm a "norm_weight" / "norm_bias" tensor belongs to (required for those)
+
+    def __post_init__(self) -> None:
+        if (self.kind in NORM_KINDS) != (self.norm is not None):
+            raise ValueError(f"{self.name}: a {self.kind} tensor {'needs' if self.norm is None else 'takes no'} Norm")
 
     def at(self, layer: int | None) -> str:
         return self.name.format(layer) if self.per_layer else self.name
@@ -112,8 +128,6 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]
-    norm: Literal["rms", "layer"]
-    norm_eps_key: str
     ignorable: tuple[str, ...] = field(default=())  # non-persistent buffers some exporters still save
     #: Config fields no tensor records (an inferred config leaves them to transformers' defaults: announced)
     unrecorded: tuple[str, ...] = field(default=())
@@ -145,6 +159,18 @@ class Family:
 def parameter_count(specs: list[TensorSpec], sizes: Sizes) -> int:
     """Number of parameters of a model with these tensors at these sizes (tied head counted once)."""
     return sum(math.prod(sizes.shape(spec)) * (sizes.layers if spec.per_layer else 1) for spec in specs)
+
+
+def rms_stream(specs: list[TensorSpec]) -> bool:
+    """True when every norm that reads the residual stream is an RMSNorm: a writer scale then keeps any multiplicity
+    of stream coordinates exact (`AxisMap.exact_writers`); under a LayerNorm the copies move the mean."""
+    kinds = {s.norm.kind for s in specs if s.norm is not None and any(HIDDEN in d.axes for d in s.dims)}
+    return kinds == {"rms"}
+
+
+def norm_eps_keys(specs: list[TensorSpec]) -> list[str]:
+    """The config entries holding the eps of the model's norms, in spec order."""
+    return list(dict.fromkeys(s.norm.eps_key for s in specs if s.norm is not None))
 
 
 class HeadsUnknown(ValueError):

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
-from growkit.arch.spec import Family, Sizes
+from growkit.arch.spec import Family, Sizes, norm_eps_keys
 from growkit.errors import GrowkitError
 
 #: Sizes under the names every transformers config answers to (GPT-2's `attribute_map` maps them to n_embd, ...).
@@ -73,10 +73,11 @@ def _checked(family: Family, config: Mapping[str, Any]) -> tuple[Any, str | None
         value = getattr(built, name, None)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             return built, f"{own_name.get(name, name)} is {value!r}; it must be a positive integer"
-    eps = getattr(built, family.norm_eps_key, None)
-    if eps is not None and not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
-                                and math.isfinite(eps) and eps > 0):
-        return built, f"{family.norm_eps_key} is {eps!r}; it must be a finite positive number"
+    for key in norm_eps_keys(family.tensors(built.to_dict(), [])):
+        eps = getattr(built, key, None)
+        if eps is not None and not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                                    and math.isfinite(eps) and eps > 0):
+            return built, f"{key} is {eps!r}; it must be a finite positive number"
     return built, None
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from growkit.arch.spec import Family, Sizes, TensorSpec
+from growkit.arch.spec import Sizes, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.operators.importance import ModelParts, calibration_ids, token_blocks
 
@@ -100,16 +100,15 @@ def outliers(rms: torch.Tensor, max_abs: torch.Tensor, labels: list[str],
 
 
 @torch.no_grad()
-def residual_stream(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], sizes: Sizes,
+def residual_stream(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes,
                     calibration: Sequence[str | Path] | None = None, max_tokens: int = DEFAULT_TOKENS,
                     seed: int = 0, batch_size: int = 4) -> ResidualStream:
     """Run the checkpoint (fp32, on the CPU) on calibration text or random tokens and measure the stream."""
     from growkit.verify import model_from_checkpoint
 
-    positions = int(ckpt.config.get("n_positions") or ckpt.config.get("max_position_embeddings") or 256)
-    tokens, what = stream_tokens(ckpt, calibration, max_tokens, min(256, positions), sizes.vocab, seed)
+    tokens, what = stream_tokens(ckpt, calibration, max_tokens, min(256, sizes.positions or 256), sizes.vocab, seed)
     model = model_from_checkpoint(ckpt)
-    prefix = ModelParts.of(family, specs).block_prefix
+    prefix = ModelParts.of(specs).block_prefix
     points = sizes.layers + 1
     sq = torch.zeros(points, sizes.hidden, dtype=torch.float64)
     peak = torch.zeros(points, sizes.hidden)

@@ -217,7 +217,7 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
                            sizes=sizes.as_dict(), units=units, permutations=permutations, max_dim=max_dim, seed=seed,
                            tensors=tensors, axes=[axes[k] for k in keys], origin=ckpt.origin())
     if activations:
-        report.residual = residual_stream(ckpt, family, specs, sizes, calibration, calibration_tokens, seed)
+        report.residual = residual_stream(ckpt, specs, sizes, calibration, calibration_tokens, seed)
     report._samples["source"] = samples
     report._neuron_norms = norms
     if compare is not None:

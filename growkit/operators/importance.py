@@ -24,7 +24,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, Sizes, TensorSpec
+from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Sizes, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 
@@ -56,15 +56,14 @@ class ModelParts:
     ffn_reader: TensorSpec
     head_reader: TensorSpec
     block_prefix: str  # e.g. "model.layers.{}"
-    rms: bool
 
     @classmethod
-    def of(cls, family: Family, specs: list[TensorSpec]) -> "ModelParts":
+    def of(cls, specs: list[TensorSpec]) -> "ModelParts":
         norms = [s for s in specs if s.kind == "norm_weight" and s.dims == (Dim((HIDDEN,), "elem"),)]
         ffn_reader = _one(specs, lambda s: s.kind == "weight" and Dim((FFN,), "in") in s.dims, "FFN reader")
         head_reader = _one(specs, lambda s: s.kind == "weight" and Dim(HEAD_AXES, "in") in s.dims, "head reader")
         name = next(s.name for s in specs if s.per_layer)
-        return cls(norms, ffn_reader, head_reader, name[: name.index("{}") + 2], family.norm == "rms")
+        return cls(norms, ffn_reader, head_reader, name[: name.index("{}") + 2])
 
 
 def _one(specs: list[TensorSpec], pred: Any, what: str) -> TensorSpec:
@@ -209,7 +208,10 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     head_sq = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
     block_update = torch.zeros(L)
     block_stream = torch.zeros(L)
-    sites = [n.at(layer) for n in parts.norms for layer in (range(L) if n.per_layer else [None])]
+    #: each norm site (tensor name), and whether its statistic is taken after removing the mean (LayerNorm)
+    centred = {n.at(layer): n.norm is not None and n.norm.kind == "layer" for n in parts.norms
+               for layer in (range(L) if n.per_layer else [None])}
+    sites = list(centred)
     norm_abs = {s: torch.zeros(sizes.hidden) for s in sites}
     norm_sq = {s: torch.zeros(sizes.hidden) for s in sites}
     norm_share = {s: torch.zeros(sizes.hidden) for s in sites}
@@ -238,7 +240,7 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     def on_norm_in(site: str):
         def hook(module: Any, args: tuple) -> None:
             x = flat(args[0])
-            if not parts.rms:
+            if centred[site]:
                 x = x - x.mean(-1, keepdim=True)
             e = x**2
             norm_share[site].add_((e / e.sum(-1, keepdim=True).clamp(min=1e-30)).sum(0))

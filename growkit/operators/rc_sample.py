@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from growkit.apply import ApplyOptions, apply_tensor, generator_for
-from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, Sizes, TensorSpec
+from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, Sizes, TensorSpec, rms_stream
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps, ReaderNoise
@@ -124,7 +124,7 @@ class RCSample(Operator):
             return GrowthMaps(hidden=m[(HIDDEN, None)], per_layer=per_layer,  # type: ignore[arg-type]
                               layer_src=layer_src, identity_layers=identity)
 
-        self._opts = ApplyOptions(tied=family.tied(ckpt.config), rms_norm=family.norm == "rms", seed=seed)
+        self._opts = ApplyOptions(tied=family.tied(ckpt.config), rms_stream=rms_stream(specs), seed=seed)
         if self._shrink:
             self._ckpt = ckpt
             self._extended = growth_maps(extended)

@@ -183,7 +183,7 @@ class Subclone(Operator):
     def measure(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                 seed: int = 0) -> Importance:
         """Importance scores of the source model (activations on the calibration text, or weight norms)."""
-        parts = ModelParts.of(family, specs)
+        parts = ModelParts.of(specs)
         seq_len = min(self.seq_len, plan.source.positions or self.seq_len)
         if self.importance_source == "weights":
             removes_blocks = plan.target.layers < plan.source.layers
