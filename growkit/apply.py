@@ -4,8 +4,9 @@ A tensor's new value is its old value gathered along each resized axis; then noi
 noise asked with `noise_snr_db`, an operator's reader noise), made to sum to zero over each neuron's copies so the
 function is unchanged; then reader dimensions multiplied by the map's reader scale and, where every norm on the
 residual stream is an RMSNorm, residual writers by the hidden map's writer scale and hidden norm gains divided by it; fresh neurons filled (zeros on the side
-that keeps them silent, small random values on the other so they can train), and identity blocks' residual writers
-zeroed.
+that keeps them silent, small random values on the other so they can train), identity blocks' residual writers
+zeroed, and a whole-tensor gain where the maps give one. Along an axis whose map mixes source neurons (`Mixing`),
+the gather is a combination instead, with its residual noise on every entry.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
             src, f, s = m.src, m.fresh, m.reader_scale()
             w = m.writer if m.writer is not None else torch.ones(m.new)
             z = m.fresh_zero_side == dim.role
-            if not (m.new == m.old and bool(torch.equal(src, torch.arange(m.old)))):  # identity: nothing to move
+            if m.mixing is not None and x.is_floating_point():  # an index tensor follows each neuron's atom
+                x = _mixed(x, len(lead) + k, m.mixing.weights)
+            elif not (m.new == m.old and bool(torch.equal(src, torch.arange(m.old)))):  # identity: nothing to move
                 x = x.index_select(len(lead) + k, src.clamp(min=0))
         # Row-major product of the factors: extend every per-position vector by this factor.
         group = (group[:, None] * size + src.clamp(min=0)[None, :]).reshape(-1)
@@ -95,6 +98,13 @@ def _gather_dim(x: torch.Tensor, dim_index: int, dim: Dim, sizes: list[int], map
         zero = zero_side & ~gated
         rand = fresh & ~zero
     return x, _DimPlan(group=group, scale=scale, writer=writer, zero=zero, rand=rand)
+
+
+def _mixed(x: torch.Tensor, axis: int, weights: torch.Tensor) -> torch.Tensor:
+    """`x` with dimension `axis` replaced by `weights @` it ((new, old) combinations of the source positions), in
+    float64."""
+    mixed = x.movedim(axis, -1).to(torch.float64) @ weights.to(torch.float64).T
+    return mixed.to(x.dtype).movedim(-1, axis)
 
 
 _CHUNK = 1 << 20
@@ -225,6 +235,13 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
     # is the one asked, whatever each copy's multiplicity.
     std: float | None = None
     src_name = spec.at(None if layer is None else maps.layer_src[layer])
+    for dim, factor_maps in zip(spec.dims, dim_maps):  # mixed neurons carry their estimator's residual noise
+        for axis, m in zip(dim.axes, factor_maps):
+            mix_std = m.mixing.std.get(src_name, 0.0) if m is not None and m.mixing is not None else 0.0
+            if mix_std > 0:
+                own()
+                x.add_(torch.randn(x.shape, generator=generator_for(opts.seed, "rc-noise", axis, layer,
+                                                                     spec.at(layer))).mul_(mix_std))
     for i, (dim, plan, factor_maps) in enumerate(zip(spec.dims, plans, dim_maps)):
         if dim.role != "in":
             continue
@@ -284,6 +301,8 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
 
     if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
         x = torch.zeros_like(x)
+    if src_name in maps.gains:
+        x = x * maps.gains[src_name]
     return x.contiguous()
 
 

@@ -4,7 +4,8 @@ For each new position of an axis, a map gives the source neuron it copies (`src`
 factor its reader (fan-in) entries are multiplied by and, on the residual stream, the factor its writers are
 multiplied by (`writer`). A clone by k is `src = i mod n`, reader scale 1/k; shrinking is a subset; a map with
 uneven multiplicities stays exact under RMSNorm with `exact_writers()`; `reader_noise` is noise an operator wants on
-the copies' readers, cancelling over each neuron's copies.
+the copies' readers, cancelling over each neuron's copies; `mixing` makes new neurons combinations of source neurons.
+Everything an operator decides is here, so `growkit.apply` is the only place that writes weights.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ class ReaderNoise:
     std: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Mixing:
+    """New neurons that are combinations of source neurons rather than copies of one (rc-sample shrinking with a
+    fitted measure): along the axis, new position j is `weights[j] @ source` in every tensor of the axis, and every
+    entry of a tensor `name` gets independent noise of std `std[name]` (stored units, before the reader scale)."""
+
+    weights: torch.Tensor  # (new, old)
+    std: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class AxisMap:
     """The map of one axis instance from `old` source neurons to `len(src)` new ones.
@@ -48,6 +59,8 @@ class AxisMap:
     #: axis's norm gains are divided by it. Applied on RMSNorm families only; None: 1.
     writer: torch.Tensor | None = None
     reader_noise: ReaderNoise | None = None
+    #: each new position a combination of source positions (its `src` is then the atom it was drawn around)
+    mixing: Mixing | None = None
 
     def __post_init__(self) -> None:
         self.src = torch.as_tensor(self.src, dtype=torch.long)
@@ -95,6 +108,8 @@ class GrowthMaps:
     per_layer: dict[tuple[str, int], AxisMap]
     layer_src: list[int]
     identity_layers: set[int] = field(default_factory=set)
+    #: a factor on a whole tensor, by source tensor name (subclone's norm-gain correction for dropped coordinates)
+    gains: dict[str, float] = field(default_factory=dict)
 
     def get(self, kind: str, layer: int | None) -> AxisMap | None:
         """The map of axis `kind` (in new layer `layer`), or None for axes that are never resized."""

@@ -32,10 +32,10 @@ from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size,
 from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.operators import get_operator
-from growkit.operators.base import Operator
+from growkit.operators.base import Candidates, Operator
 from growkit.plan import Direction, GrowthPlan, check_loadable, make_plan
 from growkit.resources import check_disk, check_memory
-from growkit.verify import empty_model, fill_model, verify_growth
+from growkit.verify import empty_model, fill_model, next_token_loss, verify_growth
 
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -196,7 +196,26 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
         raise GrowkitError(f"{ckpt.source}: scale_attn_by_inverse_layer_idx ties attention scale to layer index; "
                            "depth growth would change the function")
     maps = operator.build_maps(ckpt, family, specs, plan, seed)
+    if isinstance(maps, Candidates):
+        maps = best_candidate(ckpt, family, specs, plan, operator, maps, seed)
     return growth_with_maps(ckpt, family, specs, plan, operator, maps, seed, noise_snr_db)
+
+
+def best_candidate(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan, operator: Operator,
+                   candidates: Candidates, seed: int) -> GrowthMaps:
+    """The candidate maps whose model has the lowest next-token loss on the held-out tokens, each built in memory
+    (written over the last one's model while their configs agree); the operator is told the choice and the losses."""
+    losses: dict[str, float] = {}
+    model, config = None, None
+    for name, maps in candidates.maps.items():
+        growth = growth_with_maps(ckpt, family, specs, plan, operator, maps, seed)
+        model = grown_model(growth, into=model if growth.config == config else None).eval()
+        config = growth.config
+        losses[name] = next_token_loss(model, candidates.heldout, batch_size=1)
+    del model
+    best = min(losses, key=losses.__getitem__)
+    operator.chosen(best, losses)
+    return candidates.maps[best]
 
 
 def growth_with_maps(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
@@ -229,7 +248,6 @@ def grown_tensors(growth: Growth, dtype: torch.dtype, quiet: bool = True,
                                    "(pass --allow-nonfinite to grow it anyway)")
             checked.add(src_name)
         y = apply_tensor(x, spec, layer, growth.plan.source, growth.maps, growth.opts)
-        y = growth.operator.adjust(spec, layer, y, growth.maps)
         out = y.to(dtype)
         if not all_finite(out) and (not allow_nonfinite or all_finite(x)):
             raise GrowkitError(f"{growth.ckpt.source}: output tensor {entry.name} {_nonfinite_cause(y, dtype)}; "

@@ -137,13 +137,14 @@ def test_gaussian_adds_residual_noise_of_the_fitted_size_to_readers(tiny):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_shrink_samples_the_target_from_all_source_neurons(tiny, estimator):
     ckpt, growth, out = _grow(tiny("llama-mha"), estimator, direction="shrink", hidden=16)
-    draw = growth.operator.draws[(HIDDEN, None)]
+    mixing = growth.maps.hidden.mixing
     atoms = growth.maps.hidden.src
     assert len(set(atoms.tolist())) == 16  # atoms drawn without replacement
     for name, fx, fy, scale in _hidden_slices(ckpt, growth, out):
-        expected = (fx[atoms] if draw.weights is None else draw.weights @ fx) * scale
+        expected = (fx[atoms] if mixing is None else mixing.weights @ fx) * scale
         if estimator == "gaussian":  # plus the residual noise, of the fitted size
-            noise = draw.noise[name] * scale
+            assert mixing is not None
+            noise = mixing.std[name] * scale
             assert float((fy - expected).std()) == pytest.approx(noise, rel=0.35), name
         else:
             assert torch.allclose(fy, expected, atol=1e-5), name

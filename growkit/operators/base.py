@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,9 +15,19 @@ from growkit.operators.depth import depth_map
 from growkit.plan import GrowthPlan
 
 
+@dataclass
+class Candidates:
+    """Maps an operator cannot choose between without running them (subclone's rescale="auto"): the pipeline builds
+    each one's model in memory, keeps the one with the lowest next-token loss on the `heldout` token blocks and tells
+    the operator which (`Operator.chosen`)."""
+
+    maps: dict[str, GrowthMaps]
+    heldout: torch.Tensor
+
+
 class Operator:
     """Base class: build maps axis by axis; subclasses that need the weights (importance, fitted measures) override
-    `build_maps`, and those that write values no source neuron has override `adjust`."""
+    `build_maps`. Everything an operator decides is in its maps: `growkit.apply` writes every weight."""
 
     name: str = ""
     directions: tuple[str, ...] = ("grow",)
@@ -35,7 +46,7 @@ class Operator:
         raise NotImplementedError
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
-                   seed: int) -> GrowthMaps:
+                   seed: int) -> GrowthMaps | Candidates:
         gen = torch.Generator().manual_seed(seed)
         layer_src, identity = depth_map(plan.depth_method, plan.source.layers, plan.target.layers)
         hidden = self.axis_map("hidden", plan.source.hidden, plan.target.hidden, gen)
@@ -45,9 +56,8 @@ class Operator:
         }
         return GrowthMaps(hidden=hidden, per_layer=per_layer, layer_src=layer_src, identity_layers=identity)
 
-    def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
-        """Last word on a grown tensor; the identity for operators whose maps say everything."""
-        return tensor
+    def chosen(self, name: str, losses: dict[str, float]) -> None:
+        """Told which of the `Candidates` it offered the pipeline kept, and each candidate's held-out loss."""
 
 
 def stream_exact(kind: str, m: AxisMap) -> AxisMap:

@@ -20,7 +20,7 @@ from growkit.arch.spec import FFN, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, 
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps
-from growkit.operators.base import Operator, stream_exact
+from growkit.operators.base import Candidates, Operator, stream_exact
 from growkit.operators.depth import depth_map
 from growkit.operators.importance import (
     Importance, ModelParts, activation_importance, calibration_ids, token_blocks, weight_importance,
@@ -157,7 +157,6 @@ class Subclone(Operator):
         if self.calibration_tokens < 2 or self.seq_len < 2 or self.heldout_tokens < 2:
             raise GrowkitError("subclone: calibration_tokens, heldout_tokens and seq_len must be at least 2")
         self.scores: Importance | None = None
-        self._norm_gain: dict[str, float] = {}
         #: rescale="auto" when shrinking: the held-out blocks, each mode's loss on them, and the mode kept
         self.heldout: torch.Tensor | None = None
         self.rescale_losses: dict[str, float] = {}
@@ -229,46 +228,34 @@ class Subclone(Operator):
         return token_blocks(rank, seq_len)
 
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
-                   seed: int) -> GrowthMaps:
+                   seed: int) -> GrowthMaps | Candidates:
         imp = self.scores = self.measure(ckpt, family, specs, plan, seed)
         self.shrinking = plan.direction == "shrink"
-        mode = self.rescale
-        if mode == "auto" and self.shrinking:
-            mode = self.choose_rescale(imp, ckpt, family, specs, plan, seed)
-        return self.rescaled_maps(imp, plan, mode)
+        if self.rescale == "auto" and self.shrinking:
+            return self.rescale_candidates(imp, ckpt, plan)
+        return self.rescaled_maps(imp, plan, self.rescale)
 
-    def choose_rescale(self, imp: Importance, ckpt: Checkpoint, family: Family, specs: list[TensorSpec],
-                       plan: GrowthPlan, seed: int) -> str:
-        """Build the shrunk model for each rescale mode in memory and keep the mode with the lowest loss on the
-        held-out calibration tokens. The importance scores are measured once and the candidates share one model
-        (they differ only in their weights, so each is written over the last), so trying them costs a forward pass
-        each, not a model each."""
-        from growkit.pipeline import grown_model, growth_with_maps  # the pipeline imports the operators
-        from growkit.verify import next_token_loss
-
+    def rescale_candidates(self, imp: Importance, ckpt: Checkpoint, plan: GrowthPlan) -> GrowthMaps | Candidates:
+        """The maps of every rescale mode, for the pipeline to try on the held-out calibration tokens. The importance
+        scores are measured once; the candidates differ only in their weights, so the pipeline writes each over the
+        last in one model, and trying them costs a forward pass each, not a model each."""
         if all(plan.target.axis(a) == plan.source.axis(a) for a in (HIDDEN, FFN, KV_HEADS, QGROUP)):
             self.rescale_chosen = "none"  # only blocks are removed: every candidate is the same model
-            return self.rescale_chosen
+            return self.rescaled_maps(imp, plan, self.rescale_chosen)
         if self.heldout is None:  # importance="weights" with calibration text: only the held-out tokens are needed
             self.calibration_blocks(ckpt, plan)
         assert self.heldout is not None
-        self.rescale_losses = {}
-        model, config = None, None
-        for mode in RESCALE_CANDIDATES:
-            maps = self.rescaled_maps(imp, plan, mode)  # sets the norm gains that `adjust` applies
-            growth = growth_with_maps(ckpt, family, specs, plan, self, maps, seed)
-            model = grown_model(growth, into=model if growth.config == config else None).eval()
-            config = growth.config
-            self.rescale_losses[mode] = next_token_loss(model, self.heldout, batch_size=1)
-        del model
-        self.rescale_chosen = min(RESCALE_CANDIDATES, key=self.rescale_losses.__getitem__)
-        losses = ", ".join(f"{m} {v:.4f}" for m, v in self.rescale_losses.items())
-        print(f"growkit: subclone rescale auto: {self.rescale_chosen} (loss on {self.heldout.numel()} held-out "
-              f"calibration tokens: {losses})", file=sys.stderr)
-        return self.rescale_chosen
+        return Candidates({mode: self.rescaled_maps(imp, plan, mode) for mode in RESCALE_CANDIDATES}, self.heldout)
+
+    def chosen(self, name: str, losses: dict[str, float]) -> None:
+        self.rescale_chosen, self.rescale_losses = name, dict(losses)
+        assert self.heldout is not None
+        listed = ", ".join(f"{m} {v:.4f}" for m, v in losses.items())
+        print(f"growkit: subclone rescale auto: {name} (loss on {self.heldout.numel()} held-out calibration tokens: "
+              f"{listed})", file=sys.stderr)
 
     def rescaled_maps(self, imp: Importance, plan: GrowthPlan, rescale: str) -> GrowthMaps:
-        """The axis maps for one fixed rescale mode (and the norm gains `adjust` applies with them)."""
+        """The axis maps for one fixed rescale mode, with the norm gains it asks for."""
         src, tgt = plan.source, plan.target
         identity: set[int] = set()
         if tgt.layers < src.layers:
@@ -295,12 +282,13 @@ class Subclone(Operator):
             per_layer[(KV_HEADS, new_layer)] = kv
             per_layer[(QGROUP, new_layer)] = qg
 
-        self._norm_gain = {}
+        gains: dict[str, float] = {}  # the gain only: a LayerNorm's bias is unchanged
         if sites is not None and tgt.hidden < src.hidden:
             for site, share in imp.norm_share.items():
                 # norm statistic over the kept coordinates / over all = sqrt(kept share * old / new)
-                self._norm_gain[site] = math.sqrt(float(share[hidden.src].sum()) * src.hidden / tgt.hidden)
-        return GrowthMaps(hidden=hidden, per_layer=per_layer, layer_src=layer_src, identity_layers=identity)
+                gains[site] = math.sqrt(float(share[hidden.src].sum()) * src.hidden / tgt.hidden)
+        return GrowthMaps(hidden=hidden, per_layer=per_layer, layer_src=layer_src, identity_layers=identity,
+                          gains=gains)
 
     @staticmethod
     def _map(score: torch.Tensor, new: int, energy: torch.Tensor | None) -> AxisMap:
@@ -314,11 +302,3 @@ class Subclone(Operator):
         if energy is not None:
             scale = torch.full((new,), float((energy.sum() / energy[src].sum().clamp(min=1e-30)).sqrt()))
         return AxisMap(old, src, scale=scale)
-
-    def adjust(self, spec: TensorSpec, layer: int | None, tensor: torch.Tensor, maps: GrowthMaps) -> torch.Tensor:
-        """Norm-gain correction for dropped stream coordinates (the gain only: a LayerNorm's bias is unchanged)."""
-        if not self._norm_gain or spec.kind != "norm_weight":
-            return tensor
-        site = spec.at(None if layer is None else maps.layer_src[layer])
-        gain = self._norm_gain.get(site)
-        return tensor if gain is None else tensor * gain
