@@ -2,26 +2,23 @@
 
 Why: an LR tuned on the small (pre-growth) model transfers to the grown one if every matrix-like parameter whose
 fan-in grew by a factor m gets `lr / m` (`lr * base_fan_in / fan_in`); vectors, biases, norm gains and embeddings
-keep `lr`. The base shapes come from instantiating the small model's config on the meta device (no memory, no
-weights) and matching parameters by name; layers the base lacks (depth growth) use the base's per-layer shapes.
+keep `lr`. Which dimension is a parameter's fan-in, and how large it is in the small model, both come from the
+family's tensor specs (the dim whose role is "in", sized at the base config's sizes): nothing here knows a family,
+a config field or a module class, and a layer the base lacks (depth growth) has the same per-layer shapes.
 """
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
+from growkit.arch.registry import family_for
+from growkit.arch.spec import Family, Sizes, TensorSpec
 from growkit.errors import GrowkitError
-
-# Config fields that carry a width, per naming convention (GPT-2 style, Llama style, T5/BERT style).
-_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
-_FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
-_HEAD_KEYS = ("num_attention_heads", "n_head")
-_KV_KEYS = ("num_key_value_heads",)
 
 
 @dataclass(frozen=True)
@@ -36,87 +33,25 @@ class ParamInfo:
     decay: bool
 
 
-def _conv1d_types() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return (Conv1D,)
-    except ImportError:  # pragma: no cover - very old/new transformers
-        return ()
-
-
-def fan_in_dim(module: nn.Module, param_name: str, param: torch.Tensor) -> int | None:
-    """Which dimension of a parameter is its fan-in (input side), or None for vector-like parameters.
-
-    GPT-2's Conv1D stores weights as [in, out], so its fan-in is dim 0; nn.Linear is [out, in] (dim 1); any
-    other parameter with 2+ dims follows the torch convention (last dim is the input).
-    """
-    if param.ndim < 2:
-        return None
-    if isinstance(module, _conv1d_types()) and param_name == "weight":
-        return 0
-    return param.ndim - 1
+def _as_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    raise GrowkitError(f"base config must be a dict or a transformers config, not {type(config).__name__}")
 
 
-def _owning_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """Map each (deduplicated) parameter name to (owning module, local name)."""
-    owners: dict[str, tuple[nn.Module, str]] = {}
-    for mod_name, module in model.named_modules():
-        for local, _ in module.named_parameters(recurse=False):
-            owners.setdefault(f"{mod_name}.{local}" if mod_name else local, (module, local))
-    return owners
+def _specs_by_name(family: Family, config: dict[str, Any], names: list[str]) -> dict[str, TensorSpec]:
+    """Every tensor of a model with this config, by its name, with its spec."""
+    layers = family.sizes(config).layers
+    return {spec.at(layer): spec for spec in family.tensors(config, names)
+            for layer in (range(layers) if spec.per_layer else [None])}
 
 
-def _embedding_param_ids(model: nn.Module) -> set[int]:
-    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    get_in = getattr(model, "get_input_embeddings", None)
-    if callable(get_in):
-        emb = get_in()
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            ids.add(id(emb.weight))
-    return ids
-
-
-def _config_to_object(base_config: Any):
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(base_config, PretrainedConfig):
-        return base_config
-    if isinstance(base_config, Mapping):
-        cfg = dict(base_config)
-        model_type = cfg.pop("model_type", None)
-        if not model_type:
-            raise GrowkitError("base config has no model_type; cannot build µP base shapes")
-        for key in ("transformers_version", "architectures", "_name_or_path"):
-            cfg.pop(key, None)
-        return AutoConfig.for_model(model_type, **cfg)
-    raise GrowkitError(f"base config must be a dict or a transformers config, not {type(base_config).__name__}")
-
-
-def base_shapes(base_config: Any) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the base model, from its config alone (built on the meta device: no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = _config_to_object(base_config)
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(cfg)
-    return {name: tuple(p.shape) for name, p in base.named_parameters()}
-
-
-def _match_base_name(name: str, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """The base parameter that plays this parameter's role; layer i beyond the base maps to layer i mod L_base."""
-    if name in shapes:
-        return name
-    m = re.search(r"\.(\d+)\.", name)
-    if not m:
-        return None
-    prefix, suffix = name[: m.start()], name[m.end():]
-    indices = sorted({int(k[len(prefix) + 1:].split(".", 1)[0]) for k in shapes
-                      if k.startswith(prefix + ".") and k[len(prefix) + 1:].split(".", 1)[0].isdigit()})
-    if not indices:
-        return None
-    candidate = f"{prefix}.{indices[int(m.group(1)) % len(indices)]}.{suffix}"
-    return candidate if candidate in shapes else None
+def _fan_in(spec: TensorSpec, sizes: Sizes) -> int | None:
+    """Size of a tensor's reader (fan-in) dimensions at `sizes`; None for one that reads nothing (a vector)."""
+    readers = [d for d in spec.dims if d.role == "in"]
+    return math.prod(sizes.dim_size(d) for d in readers) if readers else None
 
 
 def scaled_base_config(config: Any, base_width: int) -> dict:
@@ -124,68 +59,65 @@ def scaled_base_config(config: Any, base_width: int) -> dict:
 
     Used for `--base-width N` when a checkpoint has no growkit provenance. head_dim stays fixed.
     """
-    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    hkey = next((k for k in _HIDDEN_KEYS if cfg.get(k)), None)
-    if hkey is None:
-        raise GrowkitError("config has no hidden size field; cannot derive a base config from --base-width")
-    hidden = int(cfg[hkey])
-    if base_width <= 0 or base_width > hidden:
-        raise GrowkitError(f"--base-width {base_width} must be between 1 and the model's hidden size {hidden}")
-    ratio = hidden / base_width
-    heads_key = next((k for k in _HEAD_KEYS if cfg.get(k)), None)
-    if heads_key is not None:
-        heads = int(cfg[heads_key])
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
-        new_heads = round(heads / ratio)
-        if new_heads < 1 or new_heads * head_dim != base_width:
-            raise GrowkitError(f"--base-width {base_width} is not a whole number of heads of size {head_dim}")
-        cfg[heads_key] = new_heads
-        if cfg.get("head_dim"):
-            cfg["head_dim"] = head_dim
-        for k in _KV_KEYS:
-            if cfg.get(k):
-                cfg[k] = max(1, round(int(cfg[k]) / ratio))
-    for k in _FFN_KEYS:
-        if cfg.get(k):
-            cfg[k] = max(1, round(int(cfg[k]) / ratio))
-    cfg[hkey] = base_width
-    return cfg
+    cfg = _as_dict(config)
+    family = family_for(cfg)
+    sizes = family.sizes(cfg)
+    if base_width <= 0 or base_width > sizes.hidden:
+        raise GrowkitError(f"--base-width {base_width} must be between 1 and the model's hidden size {sizes.hidden}")
+    heads = Fraction(sizes.heads * base_width, sizes.hidden)
+    if heads.denominator != 1:
+        raise GrowkitError(f"--base-width {base_width} is not a whole number of heads of size {sizes.head_dim} "
+                           f"({sizes.heads} heads scale to {float(heads):g})")
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * base_width / sizes.hidden))
+
+    base = sizes.replace(hidden=base_width, heads=int(heads), kv_heads=scaled(sizes.kv_heads), ffn=scaled(sizes.ffn))
+    return family.rewrite_config(cfg, base, list(range(sizes.layers)))
 
 
 def mup_param_info(model: nn.Module, base_config: Any | None) -> list[ParamInfo]:
     """Per-parameter µP classification; with `base_config=None` every multiplier is 1 (plain training)."""
-    shapes = base_shapes(base_config) if base_config is not None else None
-    owners = _owning_modules(model)
-    emb_ids = _embedding_param_ids(model)
+    config = model.config.to_dict()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    try:
+        family = family_for(config, "model config")
+    except GrowkitError:
+        if base_config is not None:
+            raise
+        # No µP multipliers to compute: only weight decay depends on the kind (matrices and embeddings decay).
+        return [ParamInfo(name, "matrix" if p.ndim >= 2 else "vector", None, None, 1.0, decay=p.ndim >= 2)
+                for name, p in trained]
+    sizes = family.sizes(config)
+    base = None
+    if base_config is not None:
+        base_dict = _as_dict(base_config)
+        if family_for(base_dict, "µP base config") is not family:
+            raise GrowkitError(f"µP base config is a {base_dict.get('model_type')} model, not a {family.name} one")
+        base = family.sizes(base_dict)
+    specs = _specs_by_name(family, config, [name for name, _ in model.named_parameters()])
     infos = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        module, local = owners[name]
-        if id(p) in emb_ids:
+    for name, p in trained:
+        spec = specs.get(name)
+        if spec is None:
+            raise GrowkitError(f"µP groups: parameter {name} is not one of the {family.name} family's tensors")
+        fan_in = _fan_in(spec, sizes)
+        if spec.kind == "embedding":
             infos.append(ParamInfo(name, "embedding", None, None, 1.0, decay=True))
-            continue
-        dim = fan_in_dim(module, local, p)
-        if dim is None:
+        elif fan_in is None:
             infos.append(ParamInfo(name, "vector", None, None, 1.0, decay=False))
-            continue
-        fan_in = int(p.shape[dim])
-        base_fan_in = None
-        mult = 1.0
-        if shapes is not None:
-            base_name = _match_base_name(name, shapes)
-            if base_name is not None and len(shapes[base_name]) == p.ndim:
-                base_fan_in = int(shapes[base_name][dim])
-                mult = base_fan_in / fan_in
-        infos.append(ParamInfo(name, "matrix", fan_in, base_fan_in, mult, decay=True))
+        else:
+            base_fan_in = _fan_in(spec, base) if base is not None else None
+            mult = base_fan_in / fan_in if base_fan_in is not None else 1.0
+            infos.append(ParamInfo(name, "matrix", fan_in, base_fan_in, mult, decay=True))
     return infos
 
 
 def mup_param_groups(model: nn.Module, base_config: Any | None, lr: float, weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups implementing the µP Adam rule relative to `base_config` (dict or config).
 
-    Matrix-like parameters get `lr * base_fan_in / fan_in` (fan-in along dim 0 for GPT-2 Conv1D, the last dim
-    otherwise); vectors, biases, norms and embeddings keep `lr`. Weight decay applies to matrices and embeddings,
+    Matrix-like parameters get `lr * base_fan_in / fan_in` (the fan-in is the spec's reader dimension, whatever the
+    storage layout: GPT-2's Conv1D keeps it on dim 0); vectors, biases, norms and embeddings keep `lr`. Weight decay applies to matrices and embeddings,
     not to vectors. Each group carries `lr_mult` and `param_names` for inspection; pass the list straight to
     `torch.optim.AdamW`. Build the groups before `accelerator.prepare` (FSDP flattens shapes).
     """
