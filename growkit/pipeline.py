@@ -33,7 +33,7 @@ from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.operators import get_operator
 from growkit.operators.base import Candidates, Operator
-from growkit.plan import Direction, GrowthPlan, check_loadable, make_plan
+from growkit.plan import Direction, GrowthPlan, check_limits, check_loadable, make_plan
 from growkit.resources import check_disk, check_memory
 from growkit.verify import empty_model, fill_model, next_token_loss, verify_growth
 
@@ -188,13 +188,13 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
     try:
         plan = make_plan(family, source, **request)
         operator = get_operator(method, **dict(operator_options or {}))
+        inexact = check_limits(family, ckpt.config, plan)
         check_loadable(family, ckpt.config, plan, request, operator.check)
         operator.check(plan)
     except GrowkitError as exc:  # name the checkpoint the impossible request was made of
         raise GrowkitError(f"{ckpt.source}: {exc}") from None
-    if plan.target.layers != source.layers and ckpt.config.get("scale_attn_by_inverse_layer_idx"):
-        raise GrowkitError(f"{ckpt.source}: scale_attn_by_inverse_layer_idx ties attention scale to layer index; "
-                           "depth growth would change the function")
+    for note in inexact if direction == "grow" else []:
+        print(f"growkit: note: {note}", file=sys.stderr)
     maps = operator.build_maps(ckpt, family, specs, plan, seed)
     if isinstance(maps, Candidates):
         maps = best_candidate(ckpt, family, specs, plan, operator, maps, seed)

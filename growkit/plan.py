@@ -127,3 +127,18 @@ def _implied_dropped(changes: dict[str, int], mha: bool) -> dict[str, int]:
     if mha and changes.get("kv_heads") == changes.get("heads"):
         return {k: v for k, v in changes.items() if k != "kv_heads"}
     return changes
+
+
+def check_limits(family: Family, config: Mapping[str, Any], plan: GrowthPlan) -> list[str]:
+    """Refuse a plan that the family's declared limits say the math cannot do (one line, the family's reason), before
+    any tensor is read; return a one-line note for each limit that says it runs but is not exact."""
+    notes = []
+    model = f"a {config.get('model_type')} model"
+    for limit in family.limits:
+        if not (limit.holds(dict(config)) and limit.concerns(plan.method, plan.depth_method)):
+            continue
+        what = f"--depth-method {plan.depth_method}" if limit.method.startswith("depth") else f"--method {plan.method}"
+        if limit.verdict == "refused":
+            raise GrowkitError(f"{what} cannot {plan.direction} {model}: {limit.reason}")
+        notes.append(f"{what} does not keep {model}'s function exactly: {limit.reason}")
+    return notes

@@ -4,7 +4,8 @@ A case is a tiny config name from `conftest.tiny_config` (a family with GQA wher
 allows both). A cell is one operator on one case; it is exact (max |dlogits| <= 1e-5 x max |logit| and the output
 loads with no missing or unexpected keys), runs (loads cleanly, finite loss), or is refused in one line before any
 tensor is read. A family is added by adding its cases here and in `conftest.tiny_config`, and its refused or
-inexact cells (with the reason) to the tables below.
+inexact cells (with the reason) to the tables below; those must be the limits the family declares in its arch/ file
+(`Family.limits`), which README's family table shows.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from conftest import randomize, tiny_config
 
 import growkit
 from growkit import grow, shrink
-from growkit.arch.registry import family_for
-from growkit.checkpoint.reader import load_checkpoint
+from growkit.arch.registry import FAMILIES, family_for
+from growkit.arch.spec import Limit
+from growkit.capabilities import family_table
+from growkit.checkpoint.reader import StateDictCheckpoint, load_checkpoint
 from growkit.errors import GrowkitError
+from growkit.pipeline import plan_growth
 from growkit.train.data import write_stdlib_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,15 +45,17 @@ CELLS = {
     "subclone-shrink": (shrink, dict(width="0.5q", layers=1, method="subclone")),
     "select-shrink": (shrink, dict(width="0.5q", layers=1, method="select")),
 }
-EXACT = {"clone-2x", "clone-3x", "identity-2x", "net2net-1.5x"}
+EXACT = {"clone-2x", "clone-3x", "identity-2x", "net2net-1.5x", "copy-pad-2x", "rc-sample-2x", "subclone-1.5x"}
 
-#: (case, cell) -> why the cell is not exact although its operator is exact elsewhere
+#: (case, cell) -> why the cell is not exact although its operator is exact elsewhere; each must be a limit its
+#: family declares ("inexact"), and every such limit must be here
 INEXACT = {
-    # LayerNorm subtracts the mean over the hidden axis: unequal multiplicities move it (DESIGN §2)
-    ("gpt2", "net2net-1.5x"): "LayerNorm mean",
-    ("gpt2-untied", "net2net-1.5x"): "LayerNorm mean",
+    # LayerNorm subtracts the mean over the hidden axis: unequal multiplicities or fresh coordinates move it (DESIGN §2)
+    **{(case, cell): "LayerNorm's mean" for case in ("gpt2", "gpt2-untied")
+       for cell in ("net2net-1.5x", "copy-pad-2x", "rc-sample-2x", "subclone-1.5x")},
 }
-#: (case, cell) -> a fragment of the one-line refusal
+#: (case, cell) -> a fragment of the one-line refusal; each must be a limit its family declares ("refused"), and
+#: every such limit must be here
 REFUSED: dict[tuple[str, str], str] = {}
 
 
@@ -108,6 +114,61 @@ def test_family_operator_matrix(sources, tmp_path, case, cell):
     assert torch.isfinite(torch.tensor(v["grown_loss"])), v
     if cell in EXACT and (case, cell) not in INEXACT:
         assert v["max_abs_dlogits"] <= 1e-5 * v["max_abs_logit"], v
+
+
+def _limits(case: str, cell: str, verdict: str) -> list[Limit]:
+    """The limits the case's family declares for this cell's operator or depth growth, with this verdict."""
+    run, request = CELLS[cell]
+    config = tiny_config(case).to_dict()
+    depth = request.get("depth_method", "stack") if run is grow and "layers" in request else None
+    method = request.get("method", "clone")
+    return [limit for limit in family_for(config).limits
+            if limit.verdict == verdict and limit.holds(config) and limit.concerns(method, depth)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_tables_are_the_families_declared_limits(case):
+    """REFUSED and INEXACT cannot drift from what the families declare: a cell is in a table exactly when its
+    family declares that limit for it, and the table's fragment is in the limit's one-line reason."""
+    for cell in CELLS:
+        refused = _limits(case, cell, "refused")
+        assert bool(refused) == ((case, cell) in REFUSED), (case, cell, refused)
+        if refused:
+            assert any(REFUSED[case, cell] in limit.reason for limit in refused), (case, cell)
+        inexact = _limits(case, cell, "inexact")
+        if cell in EXACT:
+            assert bool(inexact) == ((case, cell) in INEXACT), (case, cell, inexact)
+        if inexact and (case, cell) in INEXACT:
+            assert any(INEXACT[case, cell] in limit.reason for limit in inexact), (case, cell)
+
+
+def test_a_declared_refusal_stops_before_any_tensor_is_read(tmp_path):
+    """GPT-2 with attention scaled by layer index refuses depth growth in one line with its reason. The source's
+    tensors are on the meta device (shapes, no values): reading one would fail, so the refusal came first."""
+    config = tiny_config("gpt2")
+    config.scale_attn_by_inverse_layer_idx = True
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config)
+    ckpt = StateDictCheckpoint(model.state_dict(), config.to_dict(), "meta-gpt2")
+    with pytest.raises(GrowkitError) as err:
+        plan_growth(ckpt, layers="2x", depth_method="identity")
+    message = str(err.value)
+    assert message.startswith("meta-gpt2: --depth-method identity cannot grow a gpt2 model: ") and "\n" not in message
+    assert "scale_attn_by_inverse_layer_idx ties each layer's attention scale to its index" in message
+    plan_growth(ckpt, width="2x")  # width growth is not concerned: it plans (and reads nothing either)
+    src = _save("gpt2", tmp_path / "src", scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(GrowkitError, match="cannot grow a gpt2 model: scale_attn_by_inverse_layer_idx"):
+        grow(src, tmp_path / "out", layers="2x", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_readme_family_table_is_the_registry_and_the_limits():
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- family table: python -m growkit.capabilities -->\n")
+    table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of family table -->")]
+    assert table == family_table()
+    for family in FAMILIES:
+        assert f"| `{family.name}` ({', '.join(family.model_types)}) |" in table
 
 
 @pytest.mark.parametrize("case", CASES)

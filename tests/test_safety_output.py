@@ -106,12 +106,16 @@ def srcs(tmp_path_factory) -> dict[str, Path]:
     shutil.copy(gpt2 / "model.safetensors", bare_gpt2)
     afile = root / "a-file"
     afile.write_text("not a directory\n")
+    layer_scaled = _copy(gpt2, root / "gpt2-layer-scaled")  # a family limit: depth growth is refused
+    config = json.loads((layer_scaled / "config.json").read_text())
+    (layer_scaled / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
     tok_gpt2 = _gpt2_with_tokenizer(root / "gpt2-tok")
     calib = root / "calib.txt"
     calib.write_text((Path(json.__file__).parent / "decoder.py").read_text())
     return {"root": root, "gpt2": gpt2, "llama": llama, "big": big, "nan": nan, "stale": _stale_layout(llama, root),
             "bare_llama": bare_llama, "bare_gpt2": bare_gpt2, "afile": afile, "qwen3": _qwen3_bare(root / "q3.safetensors"),
-            "noprefix": _without_prefix(tok_gpt2, root / "gpt2-noprefix"), "calib": calib}
+            "noprefix": _without_prefix(tok_gpt2, root / "gpt2-noprefix"), "calib": calib,
+            "layer_scaled": layer_scaled}
 
 
 def _cases(s: dict[str, Path], root: Path) -> dict[str, Case]:
@@ -149,6 +153,10 @@ def _cases(s: dict[str, Path], root: Path) -> dict[str, Case]:
         "bare_gpt2_heads_unknown": Case(["grow", s["bare_gpt2"], "-o", root / "o-bare-gpt2", "--width", "2x"],
                                         root / "o-bare-gpt2", [s["bare_gpt2"], "how many attention heads",
                                                                "--config"]),
+        "family_limit_refuses_depth": Case(["grow", s["layer_scaled"], "-o", root / "o-limit", "--layers", "2x",
+                                             "--depth-method", "identity"], root / "o-limit",
+                                            [s["layer_scaled"], "--depth-method identity cannot grow a gpt2 model",
+                                             "scale_attn_by_inverse_layer_idx ties each layer's attention scale"]),
     }
     for method in ("clone", "net2net", "copy-pad", "rc-sample"):  # 4 heads share 1 kv head; 2 kv heads would split
         cases[f"kv_heads_{method}"] = Case(["grow", ll, "-o", root / f"o-kv-{method}", "--kv-heads", "2",
@@ -180,7 +188,7 @@ def runs(tmp_path_factory, srcs) -> tuple[dict[str, Case], dict[str, subprocess.
 CASE_NAMES = ["noise_nan", "noise_far_below_zero", "fp16_overflow", "stale_index_grow", "stale_index_inspect",
               "seed_too_large", "seed_negative", "width_beyond_any_disk", "inspect_permutations",
               "inspect_out_is_a_file", "inspect_nan", "inspect_seed", "bare_llama_heads_unknown",
-              "bare_gpt2_heads_unknown", "kv_heads_clone", "kv_heads_net2net", "kv_heads_copy-pad",
+              "bare_gpt2_heads_unknown", "family_limit_refuses_depth", "kv_heads_clone", "kv_heads_net2net", "kv_heads_copy-pad",
               "kv_heads_rc-sample"]
 
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, Dim, Family, Norm, Sizes, TensorSpec,
-    heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, LAYERNORM_STREAM, Dim, Family, Limit, Norm, Sizes,
+    TensorSpec, heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
 _HEADS = (KV_HEADS, QGROUP, HEAD_DIM)
 _PREFIX = "transformer."  # GPT2LMHeadModel's base_model_prefix
 _LN = Norm("layer", eps_key="layer_norm_epsilon")
+_INDEXED_SCALE = Limit("depth", "refused", "scale_attn_by_inverse_layer_idx ties each layer's attention scale to its "
+                                           "index; depth growth would change the function",
+                       when=("scale_attn_by_inverse_layer_idx", True))
 
 
 class GPT2Family(Family):
     def __init__(self) -> None:
-        super().__init__(name="gpt2", model_types=("gpt2",), ignorable=(".attn.bias", ".attn.masked_bias"))
+        super().__init__(name="gpt2", model_types=("gpt2",), ignorable=(".attn.bias", ".attn.masked_bias"),
+                         limits=(*LAYERNORM_STREAM, _INDEXED_SCALE))
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
         hidden, heads = int(config["n_embd"]), int(config["n_head"])

@@ -122,6 +122,39 @@ class Sizes:
         return {k: getattr(self, k) for k in ("hidden", "ffn", "heads", "kv_heads", "layers", "head_dim", "vocab")}
 
 
+@dataclass(frozen=True)
+class Limit:
+    """Something the math cannot do on a family, declared in its arch/ file and checked before any tensor is read.
+
+    `method`: an operator (`--method`, e.g. "copy-pad"), a depth method as "depth:identity", or "depth" for any
+    depth growth. "refused": the request stops with `reason` (one line); "inexact": it runs and loads, but does not
+    keep the function. `when`: (config field, value) for a limit that holds only where the config says so.
+    """
+
+    method: str
+    verdict: Literal["refused", "inexact"]
+    reason: str
+    when: tuple[str, Any] | None = None
+
+    def holds(self, config: dict[str, Any]) -> bool:
+        return self.when is None or config.get(self.when[0]) == self.when[1]
+
+    def concerns(self, method: str, depth_method: str | None) -> bool:
+        """Whether it is about this operator or depth method (`depth_method` None: no depth growth)."""
+        if self.method == "depth":
+            return depth_method is not None
+        if self.method.startswith("depth:"):
+            return self.method == f"depth:{depth_method}"
+        return self.method == method
+
+
+#: On a residual stream normalised by LayerNorm, growth that copies coordinates unequally (or pads them with fresh
+#: ones) moves the mean the norm subtracts: those operators run but are not exact (DESIGN §2). For LayerNorm families.
+LAYERNORM_STREAM: tuple[Limit, ...] = tuple(
+    Limit(method, "inexact", "LayerNorm's mean over the hidden axis moves when its coordinates are copied unequally "
+                             "or padded") for method in ("net2net", "copy-pad", "rc-sample", "subclone"))
+
+
 @dataclass
 class Family:
     """What growkit knows about one architecture family; subclasses fill in the config and tensor layout."""
@@ -131,6 +164,8 @@ class Family:
     ignorable: tuple[str, ...] = field(default=())  # non-persistent buffers some exporters still save
     #: Config fields no tensor records (an inferred config leaves them to transformers' defaults: announced)
     unrecorded: tuple[str, ...] = field(default=())
+    #: What the math cannot do on this family (refused or inexact operators and depth methods, one line each)
+    limits: tuple[Limit, ...] = field(default=())
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
         raise NotImplementedError

@@ -31,6 +31,8 @@ class Operator:
 
     name: str = ""
     directions: tuple[str, ...] = ("grow",)
+    #: growing keeps the function exactly, wherever the family declares no limit on it (`growkit.arch.spec.Limit`)
+    exact: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The operator's resolved options (defaults included), recorded in provenance."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from growkit.errors import GrowkitError
 
 DEPTH_METHODS = ("stack", "interleave", "identity")
+#: Depth methods whose grown model computes exactly what the source did (the others repeat blocks that act again)
+EXACT_DEPTH = ("identity",)
 
 
 def depth_map(method: str | None, old: int, new: int) -> tuple[list[int], set[int]]:

@@ -44,6 +44,7 @@ class RCSample(Operator):
     """Grow or shrink by sampling neurons from fitted per-axis measures (`estimator`: empirical, kde, gaussian)."""
 
     name = "rc-sample"
+    exact = True
     directions = ("grow", "shrink")
 
     def __init__(self, estimator: str | None = None, sampling: str | None = None, rank: int | None = None) -> None:

@@ -131,6 +131,7 @@ class Subclone(Operator):
     """
 
     name = "subclone"
+    exact = True
     directions = ("grow", "shrink")
 
     def __init__(self, calibration: Sequence[str | Path] | str | None = None, tokenizer: str | Path | None = None,

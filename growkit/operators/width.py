@@ -15,6 +15,7 @@ class Clone(Operator):
     """HyperCloning: every source neuron exactly k times, in blocks, so the function is preserved exactly."""
 
     name = "clone"
+    exact = True
 
     def check(self, plan: GrowthPlan) -> None:
         super().check(plan)
@@ -34,6 +35,7 @@ class Net2Net(Operator):
     the residual stream, writers times sqrt(k / count) and norm gains divided by it, so RMSNorm stays exact too."""
 
     name = "net2net"
+    exact = True
 
     def axis_map(self, kind: str, old: int, new: int, gen: torch.Generator) -> AxisMap:
         extra = torch.randint(old, (new - old,), generator=gen)
@@ -46,6 +48,7 @@ class CopyPad(Operator):
     are the source's."""
 
     name = "copy-pad"
+    exact = True
 
     def axis_map(self, kind: str, old: int, new: int, gen: torch.Generator) -> AxisMap:
         src = torch.cat([torch.arange(old), torch.full((new - old,), -1)])
