@@ -8,7 +8,10 @@ tiling of kv heads plus a map inside each query group keeps every query head in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from growkit.plan import GrowthPlan
 
 HIDDEN = "hidden"
 FFN = "ffn"
@@ -40,7 +43,8 @@ class Dim:
     role: Role
     #: Writers whose fresh rows get small random values instead of zeros, because a partner writer's zero already
     #: silences the neuron and two zero factors would leave it at a saddle with no gradient (SwiGLU's gate beside
-    #: `up`; query and key beside value). True for the whole dim, or the sections of a leading QKV factor.
+    #: `up`; query and key beside value). True for the whole dim, or the sections of its QKV factor (wherever
+    #: that factor sits in `axes`).
     gated: bool | tuple[int, ...] = False
 
 
@@ -123,6 +127,11 @@ class Family:
         """A config guessed from tensor names and shapes, or None when the names are not this family's."""
         raise NotImplementedError
 
+    def refusal(self, config: dict[str, Any], plan: "GrowthPlan") -> str | None:
+        """Why this config cannot be grown (or shrunk) as `plan` asks with the function its operator promises, in
+        one line; None when it can. Asked before any tensor is read."""
+        return None
+
     def stored_names(self, names: list[str]) -> dict[str, str]:
         """{name this family's specs use: name in the file} for a layout that spells names differently but that
         transformers loads all the same; empty when the names are already the specs' (or not this family's)."""
@@ -151,3 +160,18 @@ def heads_not_in_shapes(query_outputs: int, common: int) -> HeadsUnknown:
     counts = [query_outputs // d for d in (256, 128, 64, 32, 16, 8, 4, 2, 1) if common % d == 0][:4]
     return HeadsUnknown(f"the tensor shapes do not say how many attention heads there are ({query_outputs} query "
                         f"outputs fit {', '.join(map(str, counts))}, ... heads)")
+
+
+def linear(name: str, out: Dim, inp: Dim, bias: bool) -> list[TensorSpec]:
+    """A per-layer torch Linear (`[out, in]`) and, when it has one, its bias."""
+    specs = [TensorSpec(name + ".weight", (out, inp), per_layer=True)]
+    if bias:
+        specs.append(TensorSpec(name + ".bias", (out,), "bias", per_layer=True))
+    return specs
+
+
+def layer_norm(name: str, per_layer: bool = True, final: bool = False) -> list[TensorSpec]:
+    """A LayerNorm on the residual stream: gain and bias, elementwise on `hidden`."""
+    hid = (Dim((HIDDEN,), "elem"),)
+    return [TensorSpec(name + ".weight", hid, "norm_weight", per_layer=per_layer, final_norm=final),
+            TensorSpec(name + ".bias", hid, "norm_bias", per_layer=per_layer, final_norm=final)]
