@@ -15,6 +15,7 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 def tiny_config(name: str) -> T.PretrainedConfig:
     """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms."""
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
+    neox = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
     return {
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
                                      eos_token_id=0, **NO_DROPOUT),
@@ -29,6 +30,11 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "qwen3": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **llama),
         "qwen3-tied": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                             tie_word_embeddings=True, **llama),
+        # parallel residual, rotary on a quarter of head_dim, untied head (Pythia's); sequential, full rotary, tied
+        "gpt_neox": lambda: T.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.25, **neox),
+        "gpt_neox-sequential-tied": lambda: T.GPTNeoXConfig(num_attention_heads=4, rotary_pct=1.0,
+                                                            use_parallel_residual=False, tie_word_embeddings=True,
+                                                            **neox),
     }[name]()
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from growkit.arch.gpt2 import GPT2Family
+from growkit.arch.gpt_neox import GPTNeoXFamily
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), GPTNeoXFamily())
 
 
 def supported_model_types() -> list[str]:
