@@ -35,6 +35,10 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "gpt_neox-sequential-tied": lambda: T.GPTNeoXConfig(num_attention_heads=4, rotary_pct=1.0,
                                                             use_parallel_residual=False, tie_word_embeddings=True,
                                                             **neox),
+        # GQA with a bias on every projection and a tied head (StarCoder2's defaults); untied, one kv head, no biases
+        "starcoder2": lambda: T.Starcoder2Config(num_attention_heads=4, num_key_value_heads=2, **llama),
+        "starcoder2-untied": lambda: T.Starcoder2Config(num_attention_heads=4, num_key_value_heads=1, use_bias=False,
+                                                        tie_word_embeddings=False, **llama),
     }[name]()
 
 

@@ -8,9 +8,11 @@ from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.gpt_neox import GPTNeoXFamily
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.spec import Family, HeadsUnknown
+from growkit.arch.starcoder2 import Starcoder2Family
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), GPTNeoXFamily())
+#: StarCoder2 before Llama: a bare file's names are Llama's plus `mlp.c_fc`, and inference tries them in order
+FAMILIES: tuple[Family, ...] = (GPT2Family(), Starcoder2Family(), LlamaFamily(), GPTNeoXFamily())
 
 
 def supported_model_types() -> list[str]:
