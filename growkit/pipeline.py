@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from growkit import __version__
 from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
-from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
+from growkit.arch.spec import AXES, Family, Sizes, TensorSpec, parameter_count
 from growkit.arch.validate import check_source_config, config_problem, size_type_problem
 from growkit.checkpoint.files import check_support_files, copy_support_files
 from growkit.checkpoint.outputs import check_output
@@ -56,8 +56,7 @@ class Growth:
 
     def source_axis_sizes(self) -> dict[str, int]:
         """Size of one instance of every axis kind in the source model (what `apply_tensor` reshapes by)."""
-        return {a: self.plan.source.axis(a) for a in ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv",
-                                                      "vocab", "positions")}
+        return {a: self.plan.source.axis(a) for a in AXES}
 
     def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, TensorSpec, int | None]]:
         """Output tensors in write order: globals, then layer by layer, with their specs and new layer index."""

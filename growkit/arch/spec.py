@@ -21,8 +21,13 @@ HEAD_DIM = "head_dim"
 QKV = "qkv"
 VOCAB = "vocab"
 POSITIONS = "positions"
+#: OPT's word-embedding width when it differs from hidden (`word_embed_proj_dim`): fixed, like vocab
+EMBED_PROJ = "embed_proj"
+#: Every axis kind a dimension can span (what an operator's or apply's table of source sizes covers).
+AXES = (HIDDEN, FFN, KV_HEADS, QGROUP, HEAD_DIM, QKV, VOCAB, POSITIONS, EMBED_PROJ)
 
-#: Axes an operator may resize. The others (vocab, positions, head_dim, the q/k/v section) are never gathered.
+#: Axes an operator may resize. The others (vocab, positions, head_dim, the q/k/v section, embed_proj) are never
+#: gathered.
 GROWABLE = (HIDDEN, FFN, KV_HEADS, QGROUP)
 #: Axes with one independent instance per layer; `hidden` is one axis shared by the whole residual stream.
 PER_LAYER = (FFN, KV_HEADS, QGROUP)
@@ -78,6 +83,9 @@ class Sizes:
     head_dim: int
     vocab: int
     positions: int = 0
+    #: rows of a learned-position table beyond `positions` (OPT looks position p up at row p + 2)
+    position_offset: int = 0
+    embed_proj: int = 0
 
     @property
     def qgroup(self) -> int:
@@ -87,7 +95,8 @@ class Sizes:
         """Size of one instance of an axis kind."""
         return {
             HIDDEN: self.hidden, FFN: self.ffn, KV_HEADS: self.kv_heads, QGROUP: self.qgroup,
-            HEAD_DIM: self.head_dim, QKV: 3, VOCAB: self.vocab, POSITIONS: self.positions,
+            HEAD_DIM: self.head_dim, QKV: 3, VOCAB: self.vocab, POSITIONS: self.positions + self.position_offset,
+            EMBED_PROJ: self.embed_proj,
         }[kind]
 
     def replace(self, **changes: int) -> "Sizes":

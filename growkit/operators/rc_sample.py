@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from growkit.apply import ApplyOptions, apply_tensor, generator_for
-from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.arch.spec import AXES, FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps, ReaderNoise
@@ -43,7 +43,6 @@ from growkit.plan import GrowthPlan
 ORDER = (HIDDEN, KV_HEADS, QGROUP, FFN)
 DEFAULT_ESTIMATOR = "empirical"  # plain atoms: needs no fit (kde and gaussian read every tensor twice more)
 SAMPLINGS = ("iid", "stratified")
-_AXES = ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv", "vocab", "positions")
 
 
 @dataclass
@@ -91,7 +90,7 @@ class RCSample(Operator):
         layer_src, identity = depth_map(plan.depth_method, plan.source.layers, plan.target.layers)
         self._shrink = plan.direction == "shrink"
         self._layer_src = layer_src
-        self._sizes = {a: plan.source.axis(a) for a in _AXES}
+        self._sizes = {a: plan.source.axis(a) for a in AXES}
         resized = [k for k in GROWABLE if plan.source.axis(k) != plan.target.axis(k)]
         keys: set[tuple[str, int | None]] = set()
         for kind in resized:
