@@ -11,7 +11,8 @@ from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 
 
-@pytest.mark.parametrize("case, family", [("gpt_neox", "gpt_neox"), ("starcoder2", "starcoder2")])
+@pytest.mark.parametrize("case, family", [("gpt_neox", "gpt_neox"), ("starcoder2", "starcoder2"),
+                                          ("opt-post-ln-proj", "opt")])
 def test_bare_file_without_config_is_refused_naming_its_family(tiny, tmp_path, case, family):
     bare = tmp_path / "bare.safetensors"
     shutil.copy(tiny(case) / "model.safetensors", bare)  # the names exactly as transformers saves them
