@@ -19,7 +19,7 @@ def test_clone_is_exact_with_projections_and_a_tied_head(tiny, tmp_path):
     ("opt-post-ln-tied", grow, dict(width="2x"), "the one place its fan-in correction can go"),
     ("opt-post-ln-tied", shrink, dict(hidden=16, method="select"), "the one place its fan-in correction can go"),
     ("opt-no-gains", grow, dict(width="2x"), "the one place its fan-in correction can go"),
-    ("opt-proj", shrink, dict(hidden=24, heads=4, ffn=48, method="select"), "would equal word_embed_proj_dim 24"),
+    ("opt-proj", shrink, dict(hidden=24, heads=3, method="select"), "would equal word_embed_proj_dim 24"),
 ])
 def test_refused_in_one_line_before_anything_is_written(tiny, tmp_path, case, run, request_, reason):
     src = tiny(case)
