@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec, head, heads_not_in_shapes,
     layer_norm, linear,
 )
 from growkit.errors import GrowkitError
@@ -46,7 +46,7 @@ class GPTNeoXFamily(Family):
         bias = bool(config.get("attention_bias", True))
         h = f"{_P}layers.{{}}."
         hid_in, hid_out = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out")
-        specs = [
+        return [
             TensorSpec(f"{_P}embed_in.weight", (Dim((VOCAB,), "elem"), hid_out), "embedding"),
             *layer_norm(h + "input_layernorm"),
             *linear(h + "attention.query_key_value", Dim(_QKV, "out", gated=(0, 1)), hid_in, bias),
@@ -55,10 +55,8 @@ class GPTNeoXFamily(Family):
             *linear(h + "mlp.dense_h_to_4h", Dim((FFN,), "out"), hid_in, True),
             *linear(h + "mlp.dense_4h_to_h", hid_out, Dim((FFN,), "in"), True),
             *layer_norm(f"{_P}final_layer_norm", per_layer=False, final=True),
+            *head(self.tied(config)),
         ]
-        if not self.tied(config):
-            specs.append(TensorSpec(_HEAD, (Dim((VOCAB,), "elem"), hid_in)))
-        return specs
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
         new = dict(config)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from growkit.arch.spec import (
     EMBED_PROJ, FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec,
-    heads_not_in_shapes, layer_norm, linear,
+    head, heads_not_in_shapes, layer_norm, linear,
 )
 from growkit.errors import GrowkitError
 
@@ -70,9 +70,7 @@ class OPTFamily(Family):
         if projected:
             specs += [TensorSpec(f"{_D}project_in.weight", (hid_out, Dim((EMBED_PROJ,), "in"))),
                       TensorSpec(f"{_D}project_out.weight", (Dim((EMBED_PROJ,), "out"), hid_in))]
-        if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim(word.axes, "in"))))
-        return specs
+        return specs + head(self.tied(config), word.axes)
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
         new = dict(config)

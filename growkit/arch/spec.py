@@ -184,3 +184,8 @@ def layer_norm(name: str, per_layer: bool = True, final: bool = False) -> list[T
     hid = (Dim((HIDDEN,), "elem"),)
     return [TensorSpec(name + ".weight", hid, "norm_weight", per_layer=per_layer, final_norm=final),
             TensorSpec(name + ".bias", hid, "norm_bias", per_layer=per_layer, final_norm=final)]
+
+
+def head(tied: bool, reads: tuple[str, ...] = (HIDDEN,)) -> list[TensorSpec]:
+    """The LM head `lm_head.weight` ([vocab, width]) when it is a tensor of its own; a tied head is the embedding."""
+    return [] if tied else [TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim(reads, "in")))]

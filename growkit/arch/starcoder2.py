@@ -7,8 +7,8 @@ import math
 from typing import Any
 
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec, heads_not_in_shapes, layer_norm,
-    linear,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec, head, heads_not_in_shapes,
+    layer_norm, linear,
 )
 from growkit.errors import GrowkitError
 
@@ -26,7 +26,8 @@ class Starcoder2Family(Family):
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)
         if heads % kv_heads:
-            raise GrowkitError(f"config: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
+            raise GrowkitError(f"config: num_attention_heads {heads} is not divisible by num_key_value_heads "
+                               f"{kv_heads}")
         return Sizes(hidden=hidden, ffn=int(config["intermediate_size"]), heads=heads, kv_heads=kv_heads,
                      layers=int(config["num_hidden_layers"]), head_dim=int(config.get("head_dim") or hidden // heads),
                      vocab=int(config["vocab_size"]), positions=int(config.get("max_position_embeddings", 0)))
@@ -38,7 +39,7 @@ class Starcoder2Family(Family):
         bias = bool(config.get("use_bias", True))
         a, m = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
         hid_in, hid_out = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out")
-        specs = [
+        return [
             TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), hid_out), "embedding"),
             *layer_norm("model.layers.{}.input_layernorm"),
             *linear(a + "q_proj", Dim(_Q, "out", gated=True), hid_in, bias),
@@ -49,10 +50,8 @@ class Starcoder2Family(Family):
             *linear(m + "c_fc", Dim((FFN,), "out"), hid_in, bias),
             *linear(m + "c_proj", hid_out, Dim((FFN,), "in"), bias),
             *layer_norm("model.norm", per_layer=False, final=True),
+            *head(self.tied(config)),
         ]
-        if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), hid_in)))
-        return specs
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
         new = dict(config)
