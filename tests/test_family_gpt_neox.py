@@ -1,5 +1,6 @@
 """GPT-NeoX's fused `query_key_value` is laid out per head ([heads, 3, head_dim]): growth must move each head's q, k
-and v rows together and treat its q and k sections, not its first heads, as the gated ones."""
+and v rows together and treat its q and k sections, not its first heads, as the gated ones. Its untied head is
+`embed_out.weight` in files and `lm_head.weight` in the model: both are grown."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 
 import torch
 import transformers as T
+from conftest import randomize, tiny_config
 from test_trainability import _adam_steps
 
+import growkit
 from growkit import grow
+from growkit.verify import compare, random_tokens
 
 
 def test_copy_pad_fresh_heads_get_random_query_and_key_rows_and_train(tiny, tmp_path):
@@ -33,3 +37,12 @@ def test_rotary_dims_and_head_dim_stay_the_sources(tiny, tmp_path):
     assert (config["hidden_size"], config["num_attention_heads"]) == (96, 12)
     assert (attention.head_size, attention.rotary_ndims) == (8, 2)
     assert torch.equal(grown.gpt_neox.rotary_emb.inv_freq, torch.tensor([1.0]))
+
+
+def test_an_in_memory_model_whose_head_is_lm_head_grows_exactly():
+    torch.manual_seed(0)
+    model = randomize(T.AutoModelForCausalLM.from_config(tiny_config("gpt_neox"))).eval()
+    assert "lm_head.weight" in model.state_dict() and "embed_out.weight" not in model.state_dict()
+    grown = growkit.grow_model(model, width="2x").eval()
+    c = compare(model, grown, random_tokens(model.config.vocab_size))
+    assert c["max_abs_dlogits"] <= 1e-5 * c["max_abs_logit"], c
