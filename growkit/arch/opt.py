@@ -30,6 +30,7 @@ _POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding looks position p up at row
 
 class OPTFamily(Family):
     def __init__(self) -> None:
+        # OPTConfig has no eps field (torch's LayerNorm default, 1e-5): the key is never found, so never checked
         super().__init__(name="opt", model_types=("opt",), norm="layer", norm_eps_key="layer_norm_eps")
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
