@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from growkit.arch.spec import HIDDEN, Dim, Sizes, TensorSpec
+from growkit.arch.spec import HIDDEN, QKV, Dim, Sizes, TensorSpec
 from growkit.maps import AxisMap, GrowthMaps
 
 
@@ -56,7 +56,8 @@ def _gated_positions(dim: Dim, sizes: list[int], is_weight: bool) -> torch.Tenso
         return torch.zeros(total, dtype=torch.bool)
     if dim.gated is True:
         return torch.ones(total, dtype=torch.bool)
-    section = torch.arange(total) // (total // sizes[0])
+    k = dim.axes.index(QKV)  # leading in GPT-2's c_attn, inside each head in GPT-NeoX's query_key_value
+    section = torch.arange(total) // math.prod(sizes[k + 1:]) % sizes[k]
     return torch.isin(section, torch.tensor(dim.gated))
 
 

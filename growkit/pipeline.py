@@ -189,6 +189,9 @@ def plan_growth(ckpt: Checkpoint, *, width: str | float | None = None, hidden: i
         plan = make_plan(family, source, **request)
         operator = get_operator(method, **dict(operator_options or {}))
         inexact = check_limits(family, ckpt.config, plan)
+        refusal = family.refusal(ckpt.config, plan)
+        if refusal is not None:
+            raise GrowkitError(refusal)
         check_loadable(family, ckpt.config, plan, request, operator.check)
         operator.check(plan)
     except GrowkitError as exc:  # name the checkpoint the impossible request was made of

@@ -15,6 +15,9 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 def tiny_config(name: str) -> T.PretrainedConfig:
     """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms."""
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
+    neox = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
+    opt = dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64,
+               dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     return {
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
                                      eos_token_id=0, **NO_DROPOUT),
@@ -29,6 +32,24 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "qwen3": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **llama),
         "qwen3-tied": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                             tie_word_embeddings=True, **llama),
+        # parallel residual, rotary on a quarter of head_dim, untied head (Pythia's); sequential, full rotary, tied
+        "gpt_neox": lambda: T.GPTNeoXConfig(num_attention_heads=4, rotary_pct=0.25, **neox),
+        "gpt_neox-sequential-tied": lambda: T.GPTNeoXConfig(num_attention_heads=4, rotary_pct=1.0,
+                                                            use_parallel_residual=False, tie_word_embeddings=True,
+                                                            **neox),
+        # GQA with a bias on every projection and a tied head (StarCoder2's defaults); untied, one kv head, no biases
+        "starcoder2": lambda: T.Starcoder2Config(num_attention_heads=4, num_key_value_heads=2, **llama),
+        "starcoder2-untied": lambda: T.Starcoder2Config(num_attention_heads=4, num_key_value_heads=1, use_bias=False,
+                                                        tie_word_embeddings=False, **llama),
+        # LayerNorm before the blocks, tied; after them, untied; after them, tied, with project_in/out (OPT-350m's)
+        "opt": lambda: T.OPTConfig(num_attention_heads=4, **opt),
+        "opt-post-ln-untied": lambda: T.OPTConfig(num_attention_heads=4, do_layer_norm_before=False,
+                                                  tie_word_embeddings=False, **opt),
+        "opt-post-ln-proj": lambda: T.OPTConfig(num_attention_heads=4, do_layer_norm_before=False,
+                                                word_embed_proj_dim=24, **opt),
+        "opt-post-ln-tied": lambda: T.OPTConfig(num_attention_heads=4, do_layer_norm_before=False, **opt),
+        "opt-proj": lambda: T.OPTConfig(num_attention_heads=4, word_embed_proj_dim=24, **opt),
+        "opt-no-gains": lambda: T.OPTConfig(num_attention_heads=4, layer_norm_elementwise_affine=False, **opt),
     }[name]()
 
 

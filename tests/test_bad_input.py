@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from cli_util import (assert_nothing_written, error_line, read_safetensors, run_cli_batch, snapshot,
                       write_safetensors)
 from conftest import save_tiny
+from growkit.arch.registry import supported_model_types
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.pipeline import plan_growth
 
@@ -160,7 +161,7 @@ def malformed_config_field(root: Path, gpt2: Path, llama: Path) -> Case:
 def unknown_model_type(root: Path, gpt2: Path, llama: Path) -> Case:
     src = _copy_with_config(gpt2, root, "bert", model_type="bert")
     return Case(["grow", src, "-o", root / "out-bert", "--width", "2x"], root / "out-bert",
-                [src, "unsupported model_type 'bert'", "supported: gpt2, llama"])
+                [src, "unsupported model_type 'bert'", f"supported: {', '.join(supported_model_types())}"])
 
 
 def pickle_only(root: Path, gpt2: Path, llama: Path) -> Case:
@@ -283,6 +284,27 @@ def unknown_sampling(root: Path, gpt2: Path, llama: Path) -> Case:
 
 
 CASES.append(unknown_sampling)
+
+
+def post_layernorm_identity_depth(root: Path, gpt2: Path, llama: Path) -> Case:
+    src = save_tiny("opt-post-ln-untied", root / "opt-post-ln")
+    return Case(["grow", src, "-o", root / "out-post-ln", "--layers", "2x", "--depth-method", "identity"],
+                root / "out-post-ln", [src, "do_layer_norm_before false", "no block computes the identity"])
+
+
+def tied_head_without_final_norm_gain(root: Path, gpt2: Path, llama: Path) -> Case:
+    src = save_tiny("opt-post-ln-tied", root / "opt-post-ln-tied")
+    return Case(["grow", src, "-o", root / "out-tied-post-ln", "--width", "2x"], root / "out-tied-post-ln",
+                [src, "tied head reads the stream through no final LayerNorm gain", "hidden cannot change"])
+
+
+def hidden_equal_to_word_embed_proj_dim(root: Path, gpt2: Path, llama: Path) -> Case:
+    src = save_tiny("opt-proj", root / "opt-proj")
+    return Case(["shrink", src, "-o", root / "out-proj", "--hidden", "24", "--heads", "3", "--method", "select"],
+                root / "out-proj", [src, "hidden 24 would equal word_embed_proj_dim 24", "project_in/project_out"])
+
+
+CASES += [post_layernorm_identity_depth, tied_head_without_final_norm_gain, hidden_equal_to_word_embed_proj_dim]
 
 # Runs that must succeed, done in the same concurrent batch (checked by the opt-in tests below).
 OPT_INS = {

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from growkit.plan import GrowthPlan
 
 HIDDEN = "hidden"
 FFN = "ffn"
@@ -19,8 +22,13 @@ HEAD_DIM = "head_dim"
 QKV = "qkv"
 VOCAB = "vocab"
 POSITIONS = "positions"
+#: OPT's word-embedding width when it differs from hidden (`word_embed_proj_dim`): fixed, like vocab
+EMBED_PROJ = "embed_proj"
+#: Every axis kind a dimension can span (what an operator's or apply's table of source sizes covers).
+AXES = (HIDDEN, FFN, KV_HEADS, QGROUP, HEAD_DIM, QKV, VOCAB, POSITIONS, EMBED_PROJ)
 
-#: Axes an operator may resize. The others (vocab, positions, head_dim, the q/k/v section) are never gathered.
+#: Axes an operator may resize. The others (vocab, positions, head_dim, the q/k/v section, embed_proj) are never
+#: gathered.
 GROWABLE = (HIDDEN, FFN, KV_HEADS, QGROUP)
 #: Axes with one independent instance per layer; `hidden` is one axis shared by the whole residual stream.
 PER_LAYER = (FFN, KV_HEADS, QGROUP)
@@ -42,7 +50,8 @@ class Dim:
     role: Role
     #: Writers whose fresh rows get small random values instead of zeros, because a partner writer's zero already
     #: silences the neuron and two zero factors would leave it at a saddle with no gradient (SwiGLU's gate beside
-    #: `up`; query and key beside value). True for the whole dim, or the sections of a leading QKV factor.
+    #: `up`; query and key beside value). True for the whole dim, or the sections of its QKV factor (wherever
+    #: that factor sits in `axes`).
     gated: bool | tuple[int, ...] = False
 
 
@@ -91,6 +100,9 @@ class Sizes:
     head_dim: int
     vocab: int
     positions: int = 0
+    #: rows of a learned-position table beyond `positions` (OPT looks position p up at row p + 2)
+    position_offset: int = 0
+    embed_proj: int = 0
 
     @property
     def qgroup(self) -> int:
@@ -100,7 +112,8 @@ class Sizes:
         """Size of one instance of an axis kind."""
         return {
             HIDDEN: self.hidden, FFN: self.ffn, KV_HEADS: self.kv_heads, QGROUP: self.qgroup,
-            HEAD_DIM: self.head_dim, QKV: 3, VOCAB: self.vocab, POSITIONS: self.positions,
+            HEAD_DIM: self.head_dim, QKV: 3, VOCAB: self.vocab, POSITIONS: self.positions + self.position_offset,
+            EMBED_PROJ: self.embed_proj,
         }[kind]
 
     def factors(self, dim: Dim) -> list[int]:
@@ -185,6 +198,11 @@ class Family:
         """A config guessed from tensor names and shapes, or None when the names are not this family's."""
         raise NotImplementedError
 
+    def refusal(self, config: dict[str, Any], plan: "GrowthPlan") -> str | None:
+        """Why this config cannot be grown (or shrunk) as `plan` asks with the function its operator promises, in
+        one line; None when it can. Asked before any tensor is read."""
+        return None
+
     def stored_names(self, names: list[str]) -> dict[str, str]:
         """{name this family's specs use: name in the file} for a layout that spells names differently but that
         transformers loads all the same; empty when the names are already the specs' (or not this family's)."""
@@ -218,3 +236,23 @@ def heads_not_in_shapes(query_outputs: int, common: int) -> HeadsUnknown:
     counts = [query_outputs // d for d in (256, 128, 64, 32, 16, 8, 4, 2, 1) if common % d == 0][:4]
     return HeadsUnknown(f"the tensor shapes do not say how many attention heads there are ({query_outputs} query "
                         f"outputs fit {', '.join(map(str, counts))}, ... heads)")
+
+
+def linear(name: str, out: Dim, inp: Dim, bias: bool) -> list[TensorSpec]:
+    """A per-layer torch Linear (`[out, in]`) and, when it has one, its bias."""
+    specs = [TensorSpec(name + ".weight", (out, inp), per_layer=True)]
+    if bias:
+        specs.append(TensorSpec(name + ".bias", (out,), "bias", per_layer=True))
+    return specs
+
+
+def layer_norm(name: str, eps_key: str, per_layer: bool = True, final: bool = False) -> list[TensorSpec]:
+    """A LayerNorm on the residual stream: gain and bias, elementwise on `hidden`, its eps in config `eps_key`."""
+    hid, norm = (Dim((HIDDEN,), "elem"),), Norm("layer", eps_key)
+    return [TensorSpec(name + ".weight", hid, "norm_weight", per_layer=per_layer, final_norm=final, norm=norm),
+            TensorSpec(name + ".bias", hid, "norm_bias", per_layer=per_layer, final_norm=final, norm=norm)]
+
+
+def head(tied: bool, reads: tuple[str, ...] = (HIDDEN,)) -> list[TensorSpec]:
+    """The LM head `lm_head.weight` ([vocab, width]) when it is a tensor of its own; a tied head is the embedding."""
+    return [] if tied else [TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim(reads, "in")))]
