@@ -53,9 +53,23 @@ class TensorSpec:
     kind: Kind = "weight"
     per_layer: bool = False
     final_norm: bool = False  # with a tied head, this norm carries the head's fan-in correction
+    #: The model multiplies by `norm_offset + w`, not `w` (Gemma's RMSNorm: 1 + w): growth rescales that gain.
+    norm_offset: float = 0.0
+    #: A norm on a block's output, before the residual add (Gemma2's post-attention and post-feed-forward norms): its
+    #: gain writes the stream, so the stream's writer scale reaches it through its input and it keeps its gain.
+    post_norm: bool = False
+    #: (axis, p): growth multiplies the value by (new / old size of the axis) ** p, for a tensor whose effect the
+    #: model scales by a size at run time (Gemma's embedding is multiplied by sqrt(hidden): stored with p = -1/2).
+    size_power: tuple[str, float] | None = None
 
     def at(self, layer: int | None) -> str:
         return self.name.format(layer) if self.per_layer else self.name
+
+    def rescaled(self, x: Any, factor: Any) -> Any:
+        """`x` times `factor`; for a norm whose gain is `norm_offset + w`, the weights of `factor` times its gain."""
+        if not self.norm_offset:
+            return x * factor
+        return (x + self.norm_offset) * factor - self.norm_offset
 
     def writes_hidden(self) -> bool:
         """True for tensors that write into the residual stream from inside a block (zeroed by identity depth)."""

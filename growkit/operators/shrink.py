@@ -321,4 +321,4 @@ class Subclone(Operator):
             return tensor
         site = spec.at(None if layer is None else maps.layer_src[layer])
         gain = self._norm_gain.get(site)
-        return tensor if gain is None else tensor * gain
+        return tensor if gain is None else spec.rescaled(tensor, gain)
