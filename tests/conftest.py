@@ -15,6 +15,10 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 def tiny_config(name: str) -> T.PretrainedConfig:
     """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms."""
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
+    # Sliding window below the verification length, so the re-indexed layer types matter; soft caps within reach.
+    gemma2 = dict(llama, sliding_window=8, query_pre_attn_scalar=32, final_logit_softcapping=3.0,
+                  attn_logit_softcapping=2.0)
+    gemma3 = dict(gemma2, layer_types=["full_attention", "sliding_attention"])  # not the default pattern
     return {
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
                                      eos_token_id=0, **NO_DROPOUT),
@@ -29,6 +33,13 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "qwen3": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **llama),
         "qwen3-tied": lambda: T.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                             tie_word_embeddings=True, **llama),
+        "gemma": lambda: T.GemmaConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=8, **llama),
+        "gemma-untied": lambda: T.GemmaConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              tie_word_embeddings=False, **llama),
+        "gemma2": lambda: T.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **gemma2),
+        "gemma3": lambda: T.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **gemma3),
+        "gemma3-untied": lambda: T.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                                    tie_word_embeddings=False, **gemma3),
     }[name]()
 
 

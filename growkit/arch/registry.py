@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from growkit.arch.gemma import GemmaFamily
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), GemmaFamily())
 
 
 def supported_model_types() -> list[str]:
