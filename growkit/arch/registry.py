@@ -6,11 +6,12 @@ from typing import Any
 
 from growkit.arch.gemma import GemmaFamily
 from growkit.arch.gpt2 import GPT2Family
+from growkit.arch.granite import GraniteFamily
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), GemmaFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), GemmaFamily(), GraniteFamily())
 
 
 def supported_model_types() -> list[str]:
