@@ -70,7 +70,9 @@ class GrownTraining:
 def entry_scale(spec: TensorSpec, layer: int | None, source_shape: torch.Size, axis_sizes: dict[str, int],
                 maps: GrowthMaps, opts: ApplyOptions) -> EntryScale:
     """s and t of every entry of one grown tensor, probed through the same apply path as the weights."""
-    s = apply_tensor(torch.ones(source_shape), spec, layer, axis_sizes, maps, replace(opts, noise_snr_db=None))
+    # An offset gain (Gemma's 1 + w) is rescaled as a whole, so its w moves by the same s: probed without the offset.
+    s = apply_tensor(torch.ones(source_shape), replace(spec, norm_offset=0.0), layer, axis_sizes, maps,
+                     replace(opts, noise_snr_db=None))
     src = source_index(spec, layer, axis_sizes, maps)
     live = (src >= 0) & (s != 0)
     src = torch.where(live, src, -1)
