@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from growkit.apply import ApplyOptions, apply_tensor, generator_for
+from growkit.apply import ApplyOptions, apply_tensor, generator_for, size_factor
 from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
@@ -181,12 +181,16 @@ class RCSample(Operator):
         src_layer = None if layer is None else self._layer_src[layer]
         assert self._ckpt is not None and self._extended is not None and self._opts is not None
         x = apply_tensor(self._ckpt.get(spec.at(src_layer)), spec, layer, self._sizes, self._extended, self._opts)
-        reader_scale = self._reader_scale(spec, layer)
+        # noise is scaled like the values it joins: by the readers' n / N and a size-dependent tensor's factor
+        reader_scale = self._reader_scale(spec, layer) * size_factor(spec, layer, self._extended)
         for i, kind, draw in steps:
             std = draw.noise.get(spec.at(src_layer), 0.0) * reader_scale
             gen = generator_for(self._opts.seed, "rc-noise", kind, layer, spec.at(layer)) if std > 0 else None
             x = self._mix(x, spec, i, kind, layer, draw, std, gen)
-        return self._target_block(x, spec, layer).to(tensor.dtype).contiguous()
+        x = self._target_block(x, spec, layer)
+        if spec.size_power is not None:  # a value that follows a size follows the target's, not the extended n + N
+            x = spec.rescaled(x, size_factor(spec, layer, maps) / size_factor(spec, layer, self._extended))
+        return x.to(tensor.dtype).contiguous()
 
     def _current(self, kind: str, layer: int | None) -> int:
         """Size of an axis in the tensor `adjust` works on (source + target block)."""
