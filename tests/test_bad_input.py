@@ -160,7 +160,7 @@ def malformed_config_field(root: Path, gpt2: Path, llama: Path) -> Case:
 def unknown_model_type(root: Path, gpt2: Path, llama: Path) -> Case:
     src = _copy_with_config(gpt2, root, "bert", model_type="bert")
     return Case(["grow", src, "-o", root / "out-bert", "--width", "2x"], root / "out-bert",
-                [src, "unsupported model_type 'bert'", "supported: gpt2, llama"])
+                [src, "unsupported model_type 'bert'; supported: ", " gpt2, ", " llama, "])
 
 
 def pickle_only(root: Path, gpt2: Path, llama: Path) -> Case:
