@@ -206,6 +206,15 @@ def _reader_noise(x: torch.Tensor, dim_index: int, new_sizes: list[int], maps: l
     return noise
 
 
+def size_factor(spec: TensorSpec, layer: int | None, maps: GrowthMaps) -> float:
+    """What growth multiplies a tensor by for the size its effect depends on (`TensorSpec.size_power`)."""
+    if spec.size_power is None:
+        return 1.0
+    axis, power = spec.size_power
+    m = maps.get(axis, layer)
+    return 1.0 if m is None else float((m.new / m.old) ** power)
+
+
 def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Sizes, maps: GrowthMaps,
                  opts: ApplyOptions) -> torch.Tensor:
     """The grown value of one fp32 source tensor `x` described by `spec` (at the source's `sizes`), in new layer
@@ -267,11 +276,17 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
         if rms_stream and HIDDEN in dim.axes:
             if dim.role == "out":  # a residual writer: embedding column, o_proj / down_proj row or bias
                 factor = factor * plan.writer
-            elif spec.kind == "norm_weight":  # a gain on the stream; a tied head also reads the scaled embedding
+            elif spec.kind == "norm_weight" and not spec.post_norm:  # a gain on the stream; a tied head also
+                # reads the scaled embedding (a post-norm's gain writes the stream: its input carries the scale)
                 factor = factor / (plan.writer**2 if spec.final_norm and opts.tied else plan.writer)
+        if i == 0:
+            factor = factor * size_factor(spec, layer, maps)
         if not bool((factor == 1).all()):  # multiplying by exactly 1 changes no bit
             own()
-            x.mul_(_along(factor, i, ndim))
+            if spec.gain_offset:  # the gain is offset + w (Gemma: 1 + w): the gain is what is rescaled
+                x = spec.rescaled(x, _along(factor, i, ndim))
+            else:
+                x.mul_(_along(factor, i, ndim))
 
     # Fresh positions: full-size masks only for tensors that have any (clone and net2net never do).
     fresh = x.numel() > 0 and any(bool(p.rand.any()) or bool(p.zero.any()) or (d.role == "elem" and bool((p.group < 0).any()))
@@ -303,7 +318,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
     if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
         x = torch.zeros_like(x)
     if src_name in maps.gains:
-        x = x * maps.gains[src_name]
+        x = spec.rescaled(x, maps.gains[src_name])
     return x.contiguous()
 
 

@@ -18,6 +18,12 @@ def tiny_config(name: str) -> T.PretrainedConfig:
     neox = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
     opt = dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64,
                dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    # Sliding window below the verification length, so the re-indexed layer types matter; soft caps within reach.
+    gemma2 = dict(llama, sliding_window=8, query_pre_attn_scalar=32, final_logit_softcapping=3.0,
+                  attn_logit_softcapping=2.0)
+    gemma3 = dict(gemma2, layer_types=["full_attention", "sliding_attention"])  # not the default pattern
+    granite = dict(llama, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.25,
+                   logits_scaling=8.0)
     return {
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
                                      eos_token_id=0, **NO_DROPOUT),
@@ -50,6 +56,16 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "opt-post-ln-tied": lambda: T.OPTConfig(num_attention_heads=4, do_layer_norm_before=False, **opt),
         "opt-proj": lambda: T.OPTConfig(num_attention_heads=4, word_embed_proj_dim=24, **opt),
         "opt-no-gains": lambda: T.OPTConfig(num_attention_heads=4, layer_norm_elementwise_affine=False, **opt),
+        "gemma": lambda: T.GemmaConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=8, **llama),
+        "gemma-untied": lambda: T.GemmaConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                              tie_word_embeddings=False, **llama),
+        "gemma2": lambda: T.Gemma2Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **gemma2),
+        "gemma3": lambda: T.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **gemma3),
+        "gemma3-untied": lambda: T.Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                                    tie_word_embeddings=False, **gemma3),
+        "granite": lambda: T.GraniteConfig(num_attention_heads=4, num_key_value_heads=2, **granite),
+        "granite-tied": lambda: T.GraniteConfig(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                                                **granite),
     }[name]()
 
 

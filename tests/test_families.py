@@ -33,7 +33,8 @@ TOKENIZER = REPO / "models" / "tokenizer"
 
 CASES = ["gpt2", "gpt2-untied", "llama-gqa4", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied",
          "gpt_neox", "gpt_neox-sequential-tied", "starcoder2", "starcoder2-untied",
-         "opt", "opt-post-ln-untied", "opt-post-ln-proj"]
+         "opt", "opt-post-ln-untied", "opt-post-ln-proj",
+         "gemma", "gemma-untied", "gemma2", "gemma3", "gemma3-untied", "granite", "granite-tied"]
 
 #: cell -> (function, request); exact cells assert function preservation, the others that the output loads
 CELLS = {

@@ -5,6 +5,7 @@ atom's copies, shrinking by sampling."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -206,3 +207,26 @@ def test_axes_that_keep_their_size_are_untouched(tiny, tmp_path):
     result = grow(tiny("llama-gqa4"), tmp_path / "deep", layers="2x", depth_method="identity", method="rc-sample",
                   verify=True, quiet=True, operator_options={"estimator": "kde"})
     assert result.provenance["verification"]["max_abs_dlogits"] < 1e-5
+
+
+@pytest.mark.parametrize("estimator", ["kde", "gaussian"])
+def test_shrink_stores_a_size_dependent_embedding_for_the_target_size(tiny, tmp_path, estimator):
+    """Gemma's embedding is multiplied by sqrt(hidden) at the input. Shrinking with drawn mixtures works on the
+    source and target neurons together (n + N), but the stored embedding must follow the target's N: it is the one
+    the same weights give as a Llama model (no normaliser; Gemma 1 has Llama's tensor names), times sqrt(n / N)."""
+    from growkit import shrink
+
+    gemma = tiny("gemma-untied")
+    llama = tmp_path / "as-llama"
+    shutil.copytree(gemma, llama)
+    config = json.loads((gemma / "config.json").read_text())
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings")
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", **{k: config[k] for k in keep}}))
+    emb = {}
+    for name, src in (("gemma", gemma), ("llama", llama)):
+        out = shrink(src, tmp_path / name, hidden=16, method="rc-sample", quiet=True,
+                     operator_options={"estimator": estimator}).out_dir
+        emb[name] = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
+    expected = emb["llama"] * (32 / 16) ** 0.5
+    assert float((emb["gemma"] - expected).abs().max()) <= 1e-6 * float(expected.abs().max())

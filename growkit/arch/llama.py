@@ -40,8 +40,12 @@ class LlamaFamily(Family):
     def tied(self, config: dict[str, Any]) -> bool:
         return bool(config.get("tie_word_embeddings", False))
 
+    def variant(self, config: dict[str, Any]) -> tuple[bool, bool]:
+        """(q/k/v always carry a bias, per-head q/k RMSNorm) of the config's model type."""
+        return _VARIANTS[config["model_type"]]
+
     def tensors(self, config: dict[str, Any], names: list[str]) -> list[TensorSpec]:
-        qkv_bias, qk_norm = _VARIANTS[config["model_type"]]
+        qkv_bias, qk_norm = self.variant(config)
         qkv_bias = qkv_bias or bool(config.get("attention_bias", False))
         o_bias = bool(config.get("attention_bias", False))
         mlp_bias = bool(config.get("mlp_bias", False))

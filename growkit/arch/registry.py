@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from growkit.arch.gemma import GemmaFamily
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.gpt_neox import GPTNeoXFamily
+from growkit.arch.granite import GraniteFamily
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.opt import OPTFamily
 from growkit.arch.spec import Family, HeadsUnknown
@@ -13,7 +15,8 @@ from growkit.arch.starcoder2 import Starcoder2Family
 from growkit.errors import GrowkitError
 
 #: StarCoder2 before Llama: a bare file's names are Llama's plus `mlp.c_fc`, and inference tries them in order
-FAMILIES: tuple[Family, ...] = (GPT2Family(), Starcoder2Family(), LlamaFamily(), GPTNeoXFamily(), OPTFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), Starcoder2Family(), LlamaFamily(), GPTNeoXFamily(), OPTFamily(),
+                                GemmaFamily(), GraniteFamily())
 
 
 def supported_model_types() -> list[str]:

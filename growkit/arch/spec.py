@@ -58,11 +58,13 @@ class Dim:
 @dataclass(frozen=True)
 class Norm:
     """How a norm tensor's layer normalises, so that every gain, eps and statistics correction reads it from the
-    spec, not from the family: `kind` "rms" (x / rms(x)) or "layer" (the mean removed first, LayerNorm), and the
-    config entry that holds its eps. A norm of another form (a (1 + w) gain, no parameters) is a new field here."""
+    spec, not from the family: `kind` "rms" (x / rms(x)) or "layer" (the mean removed first, LayerNorm), the
+    config entry that holds its eps, and `offset`: the model multiplies by `offset + w`, not by the stored `w`
+    (Gemma's RMSNorm: 1 + w), so growth rescales that gain, not `w`. A norm of another form is a new field here."""
 
     kind: Literal["rms", "layer"]
     eps_key: str
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,12 @@ class TensorSpec:
     per_layer: bool = False
     final_norm: bool = False  # with a tied head, this norm carries the head's fan-in correction
     norm: Norm | None = None  # the norm a "norm_weight" / "norm_bias" tensor belongs to (required for those)
+    #: A norm on a block's output, before the residual add (Gemma2's post-attention and post-feed-forward norms): its
+    #: gain writes the stream, so the stream's writer scale reaches it through its input and it keeps its gain.
+    post_norm: bool = False
+    #: (axis, p): growth multiplies the value by (new / old size of the axis) ** p, for a tensor whose effect the
+    #: model scales by a size at run time (Gemma's embedding is multiplied by sqrt(hidden): stored with p = -1/2).
+    size_power: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
         if (self.kind in NORM_KINDS) != (self.norm is not None):
@@ -82,6 +90,18 @@ class TensorSpec:
 
     def at(self, layer: int | None) -> str:
         return self.name.format(layer) if self.per_layer else self.name
+
+    @property
+    def gain_offset(self) -> float:
+        """What the model adds to this tensor's values before using them as a gain (0 but for an offset norm gain)."""
+        return self.norm.offset if self.norm is not None and self.kind == "norm_weight" else 0.0
+
+    def rescaled(self, x: Any, factor: Any) -> Any:
+        """`x` times `factor`; for a norm gain used as `offset + w`, the weights of `factor` times that gain."""
+        offset = self.gain_offset
+        if not offset:
+            return x * factor
+        return (x + offset) * factor - offset
 
     def writes_hidden(self) -> bool:
         """True for tensors that write into the residual stream from inside a block (zeroed by identity depth)."""

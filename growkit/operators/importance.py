@@ -121,6 +121,8 @@ def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, p
             continue
         for layer in range(sizes.layers) if spec.per_layer else [None]:
             x = ckpt.get(spec.at(layer))
+            if spec.gain_offset:  # a gain used as offset + w (Gemma): its size is the gain's, not w's
+                x = x + spec.gain_offset
             e = axis_energy(x, spec, sizes, (HIDDEN,))
             if e is not None:
                 hidden += _normalized(e)

@@ -70,7 +70,9 @@ class GrownTraining:
 def entry_scale(spec: TensorSpec, layer: int | None, source_shape: torch.Size, sizes: Sizes,
                 maps: GrowthMaps, opts: ApplyOptions) -> EntryScale:
     """s and t of every entry of one grown tensor, probed through the same apply path as the weights."""
-    s = apply_tensor(torch.ones(source_shape), spec, layer, sizes, maps, replace(opts, noise_snr_db=None))
+    # An offset gain (Gemma's 1 + w) is rescaled as a whole, so its w moves by the same s: probed without the offset.
+    probe = replace(spec, norm=replace(spec.norm, offset=0.0)) if spec.gain_offset and spec.norm else spec
+    s = apply_tensor(torch.ones(source_shape), probe, layer, sizes, maps, replace(opts, noise_snr_db=None))
     src = source_index(spec, layer, sizes, maps)
     live = (src >= 0) & (s != 0)
     src = torch.where(live, src, -1)
