@@ -212,6 +212,11 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     plans: list[_DimPlan] = []
     dim_maps: list[list[AxisMap | None]] = []
     for i, dim in enumerate(spec.dims):
+        if dim.sections or dim.normed:
+            x, plan = _gather_parts(x, i, dim, axis_sizes, maps, layer, spec.kind == "weight")
+            plans.append(plan)
+            dim_maps.append([])
+            continue
         sizes = [axis_sizes[a] for a in dim.axes]
         factor_maps = [maps.get(a, layer) for a in dim.axes]
         x, plan = _gather_dim(x, i, dim, sizes, factor_maps, spec.kind == "weight")
@@ -233,9 +238,12 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
     for i, (dim, plan, factor_maps) in enumerate(zip(spec.dims, plans, dim_maps)):
         if dim.role != "in":
             continue
-        new_sizes = [m.new if m is not None else axis_sizes[a] for a, m in zip(dim.axes, factor_maps)]
-        noise = _reader_noise(x, i, new_sizes, factor_maps, src_name,
-                              generator_for(opts.seed, "reader-noise", spec.at(layer), i))
+        gen = generator_for(opts.seed, "reader-noise", spec.at(layer), i)
+        if dim.sections or dim.normed:
+            noise = _parts_reader_noise(x, i, dim, axis_sizes, maps, layer, src_name, gen)
+        else:
+            new_sizes = [m.new if m is not None else axis_sizes[a] for a, m in zip(dim.axes, factor_maps)]
+            noise = _reader_noise(x, i, new_sizes, factor_maps, src_name, gen)
         if opts.noise_snr_db is not None:
             std = stable_std(source) if std is None else std
             if std > 0:
@@ -254,8 +262,12 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, axis_size
         if rms_stream and HIDDEN in dim.axes:
             if dim.role == "out":  # a residual writer: embedding column, o_proj / down_proj row or bias
                 factor = factor * plan.writer
-            elif spec.kind == "norm_weight":  # a gain on the stream; a tied head also reads the scaled embedding
-                factor = factor / (plan.writer**2 if spec.final_norm and opts.tied else plan.writer)
+            elif spec.kind == "norm_weight" and spec.stream != "post_norm":  # a gain on the stream; a tied head
+                factor = factor / (plan.writer**2 if spec.final_norm and opts.tied else plan.writer)  # also reads it
+            elif dim.role == "in" and spec.stream == "raw_reader":  # reads the scaled copies themselves
+                factor = factor / plan.writer
+        if opts.rms_norm and dim.normed:
+            factor = factor * _normed_factor(dim, spec, plan)
         if not bool((factor == 1).all()):  # multiplying by exactly 1 changes no bit
             own()
             x.mul_(_along(factor, i, ndim))
@@ -298,11 +310,69 @@ def source_index(spec: TensorSpec, layer: int | None, axis_sizes: dict[str, int]
     Per-entry state that is not a weight (an optimizer's moments) follows the weights through this, the same
     gathers `apply_tensor` makes, so the two cannot disagree.
     """
-    shape = [math.prod(axis_sizes[a] for a in dim.axes) for dim in spec.dims]
+    shape = [dim.size(axis_sizes.__getitem__) for dim in spec.dims]
     index = torch.arange(math.prod(shape)).reshape(shape)
     fresh = torch.zeros((), dtype=torch.bool)
     for i, dim in enumerate(spec.dims):
-        index, plan = _gather_dim(index, i, dim, [axis_sizes[a] for a in dim.axes],
-                                  [maps.get(a, layer) for a in dim.axes], spec.kind == "weight")
+        if dim.sections or dim.normed:
+            index, plan = _gather_parts(index, i, dim, axis_sizes, maps, layer, spec.kind == "weight")
+        else:
+            index, plan = _gather_dim(index, i, dim, [axis_sizes[a] for a in dim.axes],
+                                      [maps.get(a, layer) for a in dim.axes], spec.kind == "weight")
         fresh = fresh | _along(plan.group < 0, i, len(shape))
     return torch.where(fresh, -1, index).contiguous()
+
+
+# Dims made of sections (`Dim.concat`) and dims normalised as a whole (`Dim.normed`): each section is gathered with
+# its own axes' maps as a plain dim and the sections concatenated again; a normed dim's maps carry the writer scale.
+
+def _part_maps(part: Dim, maps: GrowthMaps, layer: int | None) -> list[AxisMap | None]:
+    """The maps of a plain dim's factors; on a normed dim with the writer scale that keeps the norm's statistic."""
+    factor_maps = [maps.get(a, layer) for a in part.axes]
+    return [m.exact_writers() if part.normed and m is not None else m for m in factor_maps]
+
+
+def _gather_parts(x: torch.Tensor, dim_index: int, dim: Dim, axis_sizes: dict[str, int], maps: GrowthMaps,
+                  layer: int | None, is_weight: bool) -> tuple[torch.Tensor, _DimPlan]:
+    """`_gather_dim` section by section, the pieces and their plans concatenated (source groups kept apart)."""
+    pieces, plans, offset = [], [], 0
+    for part, piece in zip(dim.parts(), x.split(_part_sizes(dim, axis_sizes), dim_index)):
+        sizes = [axis_sizes[a] for a in part.axes]
+        y, plan = _gather_dim(piece, dim_index, part, sizes, _part_maps(part, maps, layer), is_weight)
+        if part.normed and part.role == "out" and not part.gated:  # the norm's statistic counts fresh entries
+            plan.zero, plan.rand = plan.group < 0, torch.zeros_like(plan.rand)
+        plan.group = torch.where(plan.group < 0, -1, plan.group + offset)
+        offset += piece.shape[dim_index]
+        pieces.append(y)
+        plans.append(plan)
+    joined = _DimPlan(*(torch.cat([getattr(p, f) for p in plans]) for f in ("group", "scale", "writer", "zero", "rand")))
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim_index)), joined
+
+
+def _part_sizes(dim: Dim, axis_sizes: dict[str, int]) -> list[int]:
+    return [part.size(axis_sizes.__getitem__) for part in dim.parts()]
+
+
+def _parts_reader_noise(x: torch.Tensor, dim_index: int, dim: Dim, axis_sizes: dict[str, int], maps: GrowthMaps,
+                        layer: int | None, src_name: str, gen: torch.Generator) -> torch.Tensor | None:
+    """`_reader_noise` along a dim made of sections (or normed), section by section on the gathered tensor."""
+    noises, any_noise = [], False
+    new_sizes = []
+    for part in dim.parts():
+        factor_maps = _part_maps(part, maps, layer)
+        new_sizes.append([m.new if m is not None else axis_sizes[a] for a, m in zip(part.axes, factor_maps)])
+    for part, sizes, piece in zip(dim.parts(), new_sizes, x.split([math.prod(s) for s in new_sizes], dim_index)):
+        noise = _reader_noise(piece, dim_index, sizes, _part_maps(part, maps, layer), src_name, gen)
+        any_noise = any_noise or noise is not None
+        noises.append(torch.zeros(piece.shape) if noise is None else noise)
+    return torch.cat(noises, dim_index) if any_noise else None
+
+
+def _normed_factor(dim: Dim, spec: TensorSpec, plan: _DimPlan) -> torch.Tensor:
+    """A dim normalised as a whole: its writers carry the writer scale, the norm's gain divides it out (its fresh
+    writers are zero unless gated: they count in the norm's statistic, which a zero entry keeps)."""
+    if dim.role == "out":
+        return plan.writer
+    if spec.kind == "norm_weight":
+        return 1.0 / plan.writer
+    return torch.ones(plan.writer.shape)

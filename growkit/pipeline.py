@@ -66,7 +66,7 @@ class Growth:
         for layer in [None, *range(target.layers)]:
             for spec in self.specs:
                 if spec.per_layer == (layer is not None):
-                    shape = tuple(_dim_size(d.axes, target) for d in spec.dims)
+                    shape = tuple(d.size(target.axis) for d in spec.dims)
                     out.append((TensorEntry(spec.at(layer), shape, dtype), spec, layer))
         return out
 
@@ -76,13 +76,6 @@ class GrowResult:
     out_dir: Path
     provenance: dict[str, Any]
     plan: GrowthPlan
-
-
-def _dim_size(axes: tuple[str, ...], sizes: Sizes) -> int:
-    n = 1
-    for a in axes:
-        n *= sizes.axis(a)
-    return n
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -99,7 +92,7 @@ def check_tensors(ckpt: Checkpoint, family: Family, specs: list[TensorSpec], siz
     expected: set[str] = set()
     for spec, layer in ((spec, layer) for spec in specs for layer in (range(sizes.layers) if spec.per_layer else [None])):
         # Checked as they are listed, so a config claiming 10**12 layers fails at the first missing one.
-        name, shape = spec.at(layer), tuple(_dim_size(d.axes, sizes) for d in spec.dims)
+        name, shape = spec.at(layer), tuple(d.size(sizes.axis) for d in spec.dims)
         expected.add(name)
         if name not in names:
             raise GrowkitError(f"{ckpt.source}: tensor {name} is missing (expected for a {ckpt.model_type} model "
