@@ -27,7 +27,8 @@ from growkit.train.data import write_stdlib_corpus
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "models" / "tokenizer"
 
-CASES = ["gpt2", "gpt2-untied", "llama-gqa4", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied"]
+CASES = ["gpt2", "gpt2-untied", "llama-gqa4", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied",
+         "phi3", "phi3-tied"]
 
 #: cell -> (function, request); exact cells assert function preservation, the others that the output loads
 CELLS = {

@@ -6,10 +6,11 @@ from typing import Any
 
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.llama import LlamaFamily
+from growkit.arch.phi3 import Phi3Family
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), Phi3Family())
 
 
 def supported_model_types() -> list[str]:
