@@ -14,7 +14,7 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 def tiny_config(name: str) -> T.PretrainedConfig:
     """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms, fused
-    q/k/v and gate/up projections (Phi-3, with partial rotary and longrope)."""
+    q/k/v and gate/up projections (Phi-3, with partial rotary and longrope), post-norms (OLMo2)."""
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
     phi3 = dict(llama, bos_token_id=0, eos_token_id=0, pad_token_id=0)  # their defaults lie outside a 101 vocab
     return {
@@ -37,6 +37,9 @@ def tiny_config(name: str) -> T.PretrainedConfig:
                                                                partial_rotary_factor=0.5, short_factor=[1.0, 1.5],
                                                                long_factor=[2.0, 3.0]),
                                           original_max_position_embeddings=32, **phi3),
+        "olmo2": lambda: T.Olmo2Config(num_attention_heads=4, num_key_value_heads=2, **phi3),
+        "olmo2-tied": lambda: T.Olmo2Config(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                                            attention_bias=True, **phi3),
     }[name]()
 
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "models" / "tokenizer"
 
 CASES = ["gpt2", "gpt2-untied", "llama-gqa4", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied",
-         "phi3", "phi3-tied"]
+         "phi3", "phi3-tied", "olmo2", "olmo2-tied"]
 
 #: cell -> (function, request); exact cells assert function preservation, the others that the output loads
 CELLS = {

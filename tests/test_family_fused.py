@@ -1,10 +1,16 @@
-"""What the fused families (Phi-3, OLMo2) add to the vocabulary, beyond the family x operator matrix: a reader dim
-made of sections."""
+"""What the fused families (Phi-3, OLMo2) add beyond the family x operator matrix: a reader dim made of sections,
+how identity depth silences a post-norm block, and config inference refused as the right family."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import save_tiny
+from safetensors.torch import load_file, save_file
 
+from growkit import grow
+from growkit.checkpoint.reader import load_checkpoint
+from growkit.errors import GrowkitError
 from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.spec import HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, TensorSpec
 from growkit.maps import AxisMap, GrowthMaps
@@ -24,3 +30,27 @@ def test_a_reader_made_of_sections_keeps_each_sections_sums_under_symmetric_nois
     assert torch.allclose(q.sum((1, 3)), x[:, :8].reshape(3, 2, 2, 2), atol=1e-6)
     assert torch.allclose(k.sum(1), x[:, 8:].reshape(3, 2, 2), atol=1e-6)
     assert not torch.allclose(q[:, 0], q[:, 1])  # the noise is there: the copies differ
+
+
+def test_identity_depth_silences_post_norm_blocks_by_their_norm_gains(tmp_path):
+    # Zero rows feeding a post-norm would be exact too, but the norm turns the first step's tiny rows into a full-size
+    # output; a zero gain grows from zero. The new layers copy their source's matrices.
+    out = grow(save_tiny("olmo2", tmp_path / "src"), tmp_path / "out", layers="2x", depth_method="identity",
+               quiet=True).out_dir
+    src, grown = load_file(tmp_path / "src" / "model.safetensors"), load_file(out / "model.safetensors")
+    for new, old in ((1, 0), (3, 1)):  # identity copies interleaved after their source layers
+        for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            assert (grown[f"model.layers.{new}.{name}.weight"] == 0).all()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            assert torch.equal(grown[f"model.layers.{new}.{name}.weight"], src[f"model.layers.{old}.{name}.weight"])
+
+
+@pytest.mark.parametrize("case,family", [("phi3", "phi3"), ("olmo2", "olmo2")])
+def test_a_bare_file_without_config_is_refused_as_its_own_family(tmp_path, case, family):
+    # Neither records the head count in a shape (fused qkv; q/k norms over heads x head_dim). OLMo2's q_proj and
+    # q_norm names are Qwen3's too, whose per-head q_norm does give head_dim: read as Qwen3 it would be a wrong guess.
+    src = load_file(save_tiny(case, tmp_path / "src") / "model.safetensors")
+    save_file(src, tmp_path / "bare.safetensors")
+    with pytest.raises(GrowkitError, match=f"cannot infer a {family} config: the tensor shapes do not say how many "
+                                           "attention heads"):
+        load_checkpoint(tmp_path / "bare.safetensors")

@@ -6,11 +6,13 @@ from typing import Any
 
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.llama import LlamaFamily
+from growkit.arch.olmo2 import Olmo2Family
 from growkit.arch.phi3 import Phi3Family
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), Phi3Family())
+#: Config inference asks each family in turn: OLMo2 before Llama, whose q_proj/q_norm names it shares.
+FAMILIES: tuple[Family, ...] = (GPT2Family(), Olmo2Family(), LlamaFamily(), Phi3Family())
 
 
 def supported_model_types() -> list[str]:
