@@ -1,5 +1,6 @@
 """What the fused families (Phi-3, OLMo2) add beyond the family x operator matrix: a reader dim made of sections,
-how identity depth silences a post-norm block, and config inference refused as the right family."""
+how identity depth silences a post-norm block, config inference refused as the right family, and rc-sample's
+fitted shrink on a fused projection."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from growkit import grow
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.apply import ApplyOptions, apply_tensor
-from growkit.arch.spec import HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, TensorSpec
+from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, TensorSpec
 from growkit.maps import AxisMap, GrowthMaps
+from growkit.pipeline import grown_tensors, plan_growth
 
 
 def test_a_reader_made_of_sections_keeps_each_sections_sums_under_symmetric_noise():
@@ -54,3 +56,15 @@ def test_a_bare_file_without_config_is_refused_as_its_own_family(tmp_path, case,
     with pytest.raises(GrowkitError, match=f"cannot infer a {family} config: the tensor shapes do not say how many "
                                            "attention heads"):
         load_checkpoint(tmp_path / "bare.safetensors")
+
+
+def test_rc_sample_shrink_mixes_each_section_of_a_fused_projection(tmp_path):
+    # ffn 48 -> 24 by kde: every new gate row is the draw's mixture of the source gate rows, and every new up row the
+    # same mixture of the source up rows (not of rows straddling the gate/up boundary).
+    ckpt = load_checkpoint(save_tiny("phi3", tmp_path / "src"))
+    growth = plan_growth(ckpt, method="rc-sample", direction="shrink", ffn=24, operator_options={"estimator": "kde"})
+    out = {entry.name: t for entry, t in grown_tensors(growth, torch.float32)}
+    name = "model.layers.1.mlp.gate_up_proj.weight"
+    weights = growth.operator.draws[(FFN, 1)].weights.to(torch.float32)
+    gate, up = ckpt.get(name).split(48)
+    assert torch.allclose(out[name], torch.cat([weights @ gate, weights @ up]), atol=1e-5)

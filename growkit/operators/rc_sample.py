@@ -25,13 +25,15 @@ block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from growkit.apply import ApplyOptions, apply_tensor, generator_for
-from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Family, TensorSpec
+from growkit.arch.spec import FFN, GROWABLE, HIDDEN, KV_HEADS, PER_LAYER, QGROUP, Dim, Family, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
 from growkit.maps import AxisMap, GrowthMaps, ReaderNoise
@@ -197,6 +199,9 @@ class RCSample(Operator):
              std: float, gen: torch.Generator | None) -> torch.Tensor:
         """Overwrite the drawn positions along axis `kind` (in dim `i`) with weights @ source block (+ noise)."""
         dim = spec.dims[i]
+        if dim.sections:  # each section that spans the axis, as a plain dim of its own
+            return self._per_section(x, i, dim, layer, lambda piece, part: piece if kind not in part.axes else self._mix(
+                piece, replace(spec, dims=spec.dims[:i] + (part,) + spec.dims[i + 1:]), i, kind, layer, draw, std, gen))
         factors = [self._current(a, layer) for a in dim.axes]
         k = dim.axes.index(kind)
         shape = list(x.shape)
@@ -213,15 +218,28 @@ class RCSample(Operator):
     def _target_block(self, x: torch.Tensor, spec: TensorSpec, layer: int | None) -> torch.Tensor:
         """Keep the target block [n, n + N) of every resized axis (shrinking)."""
         for i, dim in enumerate(spec.dims):
-            factors = [self._current(a, layer) for a in dim.axes]
-            shape = list(x.shape)
-            y = x.reshape(shape[:i] + factors + shape[i + 1:])
-            for k, a in enumerate(dim.axes):
-                draw = self.draws.get((a, layer if a in PER_LAYER else None))
-                if draw is not None:
-                    y = y.narrow(i + k, draw.n, draw.new)
-            x = y.reshape(shape[:i] + [-1] + shape[i + 1:])
+            if dim.sections:
+                x = self._per_section(x, i, dim, layer, lambda piece, part: self._target_dim(piece, i, part, layer))
+            else:
+                x = self._target_dim(x, i, dim, layer)
         return x
+
+    def _target_dim(self, x: torch.Tensor, i: int, dim: Dim, layer: int | None) -> torch.Tensor:
+        factors = [self._current(a, layer) for a in dim.axes]
+        shape = list(x.shape)
+        y = x.reshape(shape[:i] + factors + shape[i + 1:])
+        for k, a in enumerate(dim.axes):
+            draw = self.draws.get((a, layer if a in PER_LAYER else None))
+            if draw is not None:
+                y = y.narrow(i + k, draw.n, draw.new)
+        return y.reshape(shape[:i] + [-1] + shape[i + 1:])
+
+    def _per_section(self, x: torch.Tensor, i: int, dim: Dim, layer: int | None,
+                     fn: Callable[[torch.Tensor, Dim], torch.Tensor]) -> torch.Tensor:
+        """`fn` on each section of a dim made of sections (`Dim.concat`), the results concatenated again."""
+        parts = dim.parts()
+        pieces = x.split([math.prod(self._current(a, layer) for a in part.axes) for part in parts], i)
+        return torch.cat([fn(piece, part) for piece, part in zip(pieces, parts)], i)
 
     def _reader_scale(self, spec: TensorSpec, layer: int | None) -> float:
         """The product of n/N over the reader factors apply multiplied this tensor by (noise is scaled alike)."""
