@@ -345,7 +345,8 @@ def _gather_parts(x: torch.Tensor, dim_index: int, dim: Dim, axis_sizes: dict[st
         offset += piece.shape[dim_index]
         pieces.append(y)
         plans.append(plan)
-    joined = _DimPlan(*(torch.cat([getattr(p, f) for p in plans]) for f in ("group", "scale", "writer", "zero", "rand")))
+    fields = ("group", "scale", "writer", "zero", "rand")
+    joined = _DimPlan(*(torch.cat([getattr(p, f) for p in plans]) for f in fields))
     return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim_index)), joined
 
 

@@ -28,7 +28,8 @@ def test_a_reader_made_of_sections_keeps_each_sections_sums_under_symmetric_nois
     maps = GrowthMaps(hidden=AxisMap.identity(3), per_layer={(k, 0): m for k, m in clone.items()}, layer_src=[0])
     x = torch.randn(3, 8 + 4, generator=torch.Generator().manual_seed(0))
     y = apply_tensor(x, spec, 0, sizes, maps, ApplyOptions(tied=False, rms_norm=True, noise_snr_db=0.0))
-    q, k = y[:, :32].reshape(3, 2, 2, 2, 2, 2), y[:, 32:].reshape(3, 2, 2, 2)  # [hidden, kv copy, kv, (qg copy, qg,) hd]
+    # [hidden, kv copy, kv, (qgroup copy, qgroup,) head_dim]
+    q, k = y[:, :32].reshape(3, 2, 2, 2, 2, 2), y[:, 32:].reshape(3, 2, 2, 2)
     assert torch.allclose(q.sum((1, 3)), x[:, :8].reshape(3, 2, 2, 2), atol=1e-6)
     assert torch.allclose(k.sum(1), x[:, 8:].reshape(3, 2, 2), atol=1e-6)
     assert not torch.allclose(q[:, 0], q[:, 1])  # the noise is there: the copies differ

@@ -13,12 +13,13 @@ from typing import Any
 
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, StreamRole, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, StreamRole, TensorSpec, heads_not_in_shapes,
 )
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
 _KV = (KV_HEADS, HEAD_DIM)
 _Q_NORM = "model.layers.0.self_attn.q_norm.weight"
+_POST_FF_NORM = "model.layers.0.post_feedforward_layernorm.weight"
 
 
 class Olmo2Family(LlamaFamily):
@@ -31,7 +32,7 @@ class Olmo2Family(LlamaFamily):
     def tensors(self, config: dict[str, Any], names: list[str]) -> list[TensorSpec]:
         bias = bool(config.get("attention_bias", False))
         a, m = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
-        hid_in, hid_out, hid_e = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out"), (Dim((HIDDEN,), "elem"),)
+        hid_in, hid_out, hid_e = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out"), Dim((HIDDEN,), "elem")
 
         def linear(name: str, out: Dim, inp: Dim, stream: StreamRole, has_bias: bool = False) -> list[TensorSpec]:
             specs = [TensorSpec(name + ".weight", (out, inp), per_layer=True, stream=stream)]
@@ -49,23 +50,16 @@ class Olmo2Family(LlamaFamily):
             *linear(a + "o_proj", hid_out, Dim(_Q, "in"), "normed_writer", bias),
             norm(a + "q_norm.weight", Dim(_Q, "elem", normed=True), None),
             norm(a + "k_norm.weight", Dim(_KV, "elem", normed=True), None),
-            norm("model.layers.{}.post_attention_layernorm.weight", hid_e[0], "post_norm"),
+            norm("model.layers.{}.post_attention_layernorm.weight", hid_e, "post_norm"),
             *linear(m + "gate_proj", Dim((FFN,), "out", gated=True), hid_in, "raw_reader"),
             *linear(m + "up_proj", Dim((FFN,), "out"), hid_in, "raw_reader"),
             *linear(m + "down_proj", hid_out, Dim((FFN,), "in"), "normed_writer"),
-            norm("model.layers.{}.post_feedforward_layernorm.weight", hid_e[0], "post_norm"),
+            norm("model.layers.{}.post_feedforward_layernorm.weight", hid_e, "post_norm"),
         ]
-        specs = [
-            TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), hid_out), "embedding"),
-            *layer,
-            TensorSpec("model.norm.weight", hid_e, "norm_weight", final_norm=True),
-        ]
-        if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), hid_in)))
-        return specs
+        return self.around(config, layer)
 
     def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
         """Never: the q/k norms span heads x head_dim as one width, so no shape records the head count."""
-        if "model.embed_tokens.weight" not in shapes or "model.layers.0.post_feedforward_layernorm.weight" not in shapes:
+        if "model.embed_tokens.weight" not in shapes or _POST_FF_NORM not in shapes:
             return None
         raise heads_not_in_shapes(shapes[_Q_NORM][0], shapes["model.layers.0.self_attn.k_norm.weight"][0])

@@ -7,7 +7,7 @@ from typing import Any
 
 from growkit.arch.llama import LlamaFamily
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, TensorSpec, heads_not_in_shapes,
 )
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
@@ -36,14 +36,7 @@ class Phi3Family(LlamaFamily):
                        per_layer=True),
             TensorSpec(m + "down_proj.weight", (hid_out, Dim((FFN,), "in")), per_layer=True),
         ]
-        specs = [
-            TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), hid_out), "embedding"),
-            *layer,
-            TensorSpec("model.norm.weight", hid_e, "norm_weight", final_norm=True),
-        ]
-        if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), hid_in)))
-        return specs
+        return self.around(config, layer)
 
     def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
         """Never: the fused `qkv_proj` holds q, k and v as one width, and nothing records the head count."""

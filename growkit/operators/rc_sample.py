@@ -200,8 +200,10 @@ class RCSample(Operator):
         """Overwrite the drawn positions along axis `kind` (in dim `i`) with weights @ source block (+ noise)."""
         dim = spec.dims[i]
         if dim.sections:  # each section that spans the axis, as a plain dim of its own
-            return self._per_section(x, i, dim, layer, lambda piece, part: piece if kind not in part.axes else self._mix(
-                piece, replace(spec, dims=spec.dims[:i] + (part,) + spec.dims[i + 1:]), i, kind, layer, draw, std, gen))
+            def mix(piece: torch.Tensor, part: Dim) -> torch.Tensor:
+                part_spec = replace(spec, dims=spec.dims[:i] + (part,) + spec.dims[i + 1:])
+                return self._mix(piece, part_spec, i, kind, layer, draw, std, gen) if kind in part.axes else piece
+            return self._per_section(x, i, dim, layer, mix)
         factors = [self._current(a, layer) for a in dim.axes]
         k = dim.axes.index(kind)
         shape = list(x.shape)
