@@ -357,16 +357,15 @@ def _part_sizes(dim: Dim, axis_sizes: dict[str, int]) -> list[int]:
 def _parts_reader_noise(x: torch.Tensor, dim_index: int, dim: Dim, axis_sizes: dict[str, int], maps: GrowthMaps,
                         layer: int | None, src_name: str, gen: torch.Generator) -> torch.Tensor | None:
     """`_reader_noise` along a dim made of sections (or normed), section by section on the gathered tensor."""
-    noises, any_noise = [], False
-    new_sizes = []
-    for part in dim.parts():
-        factor_maps = _part_maps(part, maps, layer)
-        new_sizes.append([m.new if m is not None else axis_sizes[a] for a, m in zip(part.axes, factor_maps)])
-    for part, sizes, piece in zip(dim.parts(), new_sizes, x.split([math.prod(s) for s in new_sizes], dim_index)):
-        noise = _reader_noise(piece, dim_index, sizes, _part_maps(part, maps, layer), src_name, gen)
-        any_noise = any_noise or noise is not None
-        noises.append(torch.zeros(piece.shape) if noise is None else noise)
-    return torch.cat(noises, dim_index) if any_noise else None
+    part_maps = [_part_maps(part, maps, layer) for part in dim.parts()]
+    new_sizes = [[m.new if m is not None else axis_sizes[a] for a, m in zip(part.axes, factor_maps)]
+                 for part, factor_maps in zip(dim.parts(), part_maps)]
+    pieces = x.split([math.prod(s) for s in new_sizes], dim_index)
+    noises = [_reader_noise(piece, dim_index, sizes, factor_maps, src_name, gen)
+              for sizes, factor_maps, piece in zip(new_sizes, part_maps, pieces)]
+    if all(n is None for n in noises):
+        return None
+    return torch.cat([torch.zeros(p.shape) if n is None else n for n, p in zip(noises, pieces)], dim_index)
 
 
 def _normed_factor(dim: Dim, spec: TensorSpec, plan: _DimPlan) -> torch.Tensor:

@@ -14,25 +14,30 @@ from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, TensorSpec
-from growkit.maps import AxisMap, GrowthMaps
+from growkit.maps import AxisMap, GrowthMaps, ReaderNoise
 from growkit.pipeline import grown_tensors, plan_growth
 
 
-def test_a_reader_made_of_sections_keeps_each_sections_sums_under_symmetric_noise():
+@pytest.mark.parametrize("noise", ["asked", "operator"])
+def test_a_reader_made_of_sections_keeps_each_sections_sums_under_symmetric_noise(noise):
     # A reader of q (kv x qgroup x head_dim) then k (kv x head_dim): each section's copies of a source column must sum
     # back to it (reader scale 1/m, noise cancelling over that section's copies only), whatever the other section.
+    # The noise is asked (--noise-snr-db) or an operator's (rc-sample's reader noise on the kv heads' copies).
     sizes = {HIDDEN: 3, KV_HEADS: 2, QGROUP: 2, HEAD_DIM: 2}
     spec = TensorSpec("w.{}", (Dim((HIDDEN,), "out"), Dim.concat(((KV_HEADS, QGROUP, HEAD_DIM), (KV_HEADS, HEAD_DIM)),
                                                                   "in")), per_layer=True)
-    clone = {k: AxisMap(n, torch.arange(2 * n) % n) for k, n in ((KV_HEADS, 2), (QGROUP, 2))}
+    reader_noise = ReaderNoise(std={"w.0": 0.5}) if noise == "operator" else None
+    clone = {KV_HEADS: AxisMap(2, torch.arange(4) % 2, reader_noise=reader_noise),
+             QGROUP: AxisMap(2, torch.arange(4) % 2)}
     maps = GrowthMaps(hidden=AxisMap.identity(3), per_layer={(k, 0): m for k, m in clone.items()}, layer_src=[0])
     x = torch.randn(3, 8 + 4, generator=torch.Generator().manual_seed(0))
-    y = apply_tensor(x, spec, 0, sizes, maps, ApplyOptions(tied=False, rms_norm=True, noise_snr_db=0.0))
+    opts = ApplyOptions(tied=False, rms_norm=True, noise_snr_db=0.0 if noise == "asked" else None)
+    y = apply_tensor(x, spec, 0, sizes, maps, opts)
     # [hidden, kv copy, kv, (qgroup copy, qgroup,) head_dim]
     q, k = y[:, :32].reshape(3, 2, 2, 2, 2, 2), y[:, 32:].reshape(3, 2, 2, 2)
     assert torch.allclose(q.sum((1, 3)), x[:, :8].reshape(3, 2, 2, 2), atol=1e-6)
     assert torch.allclose(k.sum(1), x[:, 8:].reshape(3, 2, 2), atol=1e-6)
-    assert not torch.allclose(q[:, 0], q[:, 1])  # the noise is there: the copies differ
+    assert not torch.allclose(q[:, 0], q[:, 1]) and not torch.allclose(k[:, 0], k[:, 1])  # the noise is there
 
 
 def test_identity_depth_silences_post_norm_blocks_by_their_norm_gains(tmp_path):
