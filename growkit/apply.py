@@ -228,6 +228,11 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
     plans: list[_DimPlan] = []
     dim_maps: list[list[AxisMap | None]] = []
     for i, dim in enumerate(spec.dims):
+        if dim.sections or dim.normed:
+            x, plan = _gather_parts(x, i, dim, sizes, maps, layer, spec.kind == "weight")
+            plans.append(plan)
+            dim_maps.append([maps.get(a, layer) for a in dim.axes])  # for the mixing noise: every axis it spans
+            continue
         factor_maps = [maps.get(a, layer) for a in dim.axes]
         x, plan = _gather_dim(x, i, dim, sizes.factors(dim), factor_maps, spec.kind == "weight")
         plans.append(plan)
@@ -255,9 +260,12 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
     for i, (dim, plan, factor_maps) in enumerate(zip(spec.dims, plans, dim_maps)):
         if dim.role != "in":
             continue
-        new_sizes = [m.new if m is not None else n for n, m in zip(sizes.factors(dim), factor_maps)]
-        noise = _reader_noise(x, i, new_sizes, factor_maps, src_name,
-                              generator_for(opts.seed, "reader-noise", spec.at(layer), i))
+        gen = generator_for(opts.seed, "reader-noise", spec.at(layer), i)
+        if dim.sections or dim.normed:
+            noise = _parts_reader_noise(x, i, dim, sizes, maps, layer, src_name, gen)
+        else:
+            new_sizes = [m.new if m is not None else n for n, m in zip(sizes.factors(dim), factor_maps)]
+            noise = _reader_noise(x, i, new_sizes, factor_maps, src_name, gen)
         if opts.noise_snr_db is not None:
             std = stable_std(source) if std is None else std
             if std > 0:
@@ -276,9 +284,13 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
         if rms_stream and HIDDEN in dim.axes:
             if dim.role == "out":  # a residual writer: embedding column, o_proj / down_proj row or bias
                 factor = factor * plan.writer
-            elif spec.kind == "norm_weight" and not spec.post_norm:  # a gain on the stream; a tied head also
-                # reads the scaled embedding (a post-norm's gain writes the stream: its input carries the scale)
+            elif spec.kind == "norm_weight" and spec.stream != "post_norm":  # a gain on the stream; a tied head
+                # also reads the scaled embedding (a post-norm's gain writes the stream: its input carries the scale)
                 factor = factor / (plan.writer**2 if spec.final_norm and opts.tied else plan.writer)
+            elif dim.role == "in" and spec.stream == "raw_reader":  # reads the scaled copies themselves
+                factor = factor / plan.writer
+        if opts.rms_stream and dim.normed:
+            factor = factor * _normed_factor(dim, spec, plan)
         if i == 0:
             factor = factor * size_factor(spec, layer, maps)
         if not bool((factor == 1).all()):  # multiplying by exactly 1 changes no bit
@@ -316,7 +328,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
                 x.index_fill_(i, plan.zero.nonzero().reshape(-1), 0.0)
 
     if layer is not None and layer in maps.identity_layers and spec.writes_hidden():
-        x = torch.zeros_like(x)
+        x = torch.full_like(x, -spec.gain_offset)  # zero, or for a post-norm's offset gain, the gain zero
     if src_name in maps.gains:
         x = spec.rescaled(x, maps.gains[src_name])
     return x.contiguous()
@@ -332,7 +344,60 @@ def source_index(spec: TensorSpec, layer: int | None, sizes: Sizes, maps: Growth
     index = torch.arange(math.prod(shape)).reshape(shape)
     fresh = torch.zeros((), dtype=torch.bool)
     for i, dim in enumerate(spec.dims):
-        index, plan = _gather_dim(index, i, dim, sizes.factors(dim), [maps.get(a, layer) for a in dim.axes],
-                                  spec.kind == "weight")
+        if dim.sections or dim.normed:
+            index, plan = _gather_parts(index, i, dim, sizes, maps, layer, spec.kind == "weight")
+        else:
+            index, plan = _gather_dim(index, i, dim, sizes.factors(dim), [maps.get(a, layer) for a in dim.axes],
+                                      spec.kind == "weight")
         fresh = fresh | _along(plan.group < 0, i, len(shape))
     return torch.where(fresh, -1, index).contiguous()
+
+
+# Dims made of sections (`Dim.concat`) and dims normalised as a whole (`Dim.normed`): each section is gathered with
+# its own axes' maps as a plain dim and the sections concatenated again; a normed dim's maps carry the writer scale.
+
+def _part_maps(part: Dim, maps: GrowthMaps, layer: int | None) -> list[AxisMap | None]:
+    """The maps of a plain dim's factors; on a normed dim with the writer scale that keeps the norm's statistic."""
+    factor_maps = [maps.get(a, layer) for a in part.axes]
+    return [m.exact_writers() if part.normed and m is not None else m for m in factor_maps]
+
+
+def _gather_parts(x: torch.Tensor, dim_index: int, dim: Dim, sizes: Sizes, maps: GrowthMaps,
+                  layer: int | None, is_weight: bool) -> tuple[torch.Tensor, _DimPlan]:
+    """`_gather_dim` section by section, the pieces and their plans concatenated (source groups kept apart)."""
+    pieces, plans, offset = [], [], 0
+    for part, piece in zip(dim.parts(), x.split([sizes.dim_size(part) for part in dim.parts()], dim_index)):
+        y, plan = _gather_dim(piece, dim_index, part, sizes.factors(part), _part_maps(part, maps, layer), is_weight)
+        if part.normed and part.role == "out" and not part.gated:  # the norm's statistic counts fresh entries
+            plan.zero, plan.rand = plan.group < 0, torch.zeros_like(plan.rand)
+        plan.group = torch.where(plan.group < 0, -1, plan.group + offset)
+        offset += piece.shape[dim_index]
+        pieces.append(y)
+        plans.append(plan)
+    fields = ("group", "scale", "writer", "zero", "rand")
+    joined = _DimPlan(*(torch.cat([getattr(p, f) for p in plans]) for f in fields))
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim_index)), joined
+
+
+def _parts_reader_noise(x: torch.Tensor, dim_index: int, dim: Dim, sizes: Sizes, maps: GrowthMaps,
+                        layer: int | None, src_name: str, gen: torch.Generator) -> torch.Tensor | None:
+    """`_reader_noise` along a dim made of sections (or normed), section by section on the gathered tensor."""
+    part_maps = [_part_maps(part, maps, layer) for part in dim.parts()]
+    new_sizes = [[m.new if m is not None else n for n, m in zip(sizes.factors(part), factor_maps)]
+                 for part, factor_maps in zip(dim.parts(), part_maps)]
+    pieces = x.split([math.prod(s) for s in new_sizes], dim_index)
+    noises = [_reader_noise(piece, dim_index, sizes, factor_maps, src_name, gen)
+              for sizes, factor_maps, piece in zip(new_sizes, part_maps, pieces)]
+    if all(n is None for n in noises):
+        return None
+    return torch.cat([torch.zeros(p.shape) if n is None else n for n, p in zip(noises, pieces)], dim_index)
+
+
+def _normed_factor(dim: Dim, spec: TensorSpec, plan: _DimPlan) -> torch.Tensor:
+    """A dim normalised as a whole: its writers carry the writer scale, the norm's gain divides it out (its fresh
+    writers are zero unless gated: they count in the norm's statistic, which a zero entry keeps)."""
+    if dim.role == "out":
+        return plan.writer
+    if spec.kind == "norm_weight":
+        return 1.0 / plan.writer
+    return torch.ones(plan.writer.shape)

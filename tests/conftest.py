@@ -13,7 +13,8 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def tiny_config(name: str) -> T.PretrainedConfig:
-    """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms."""
+    """Configs small enough for milliseconds per forward pass: tied/untied heads, GQA, q/k/v bias, q/k norms, fused
+    q/k/v and gate/up projections (Phi-3, with partial rotary and longrope), post-norms (OLMo2, Gemma2/3)."""
     llama = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
     neox = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
     opt = dict(hidden_size=32, ffn_dim=48, num_hidden_layers=2, vocab_size=101, max_position_embeddings=64,
@@ -24,6 +25,7 @@ def tiny_config(name: str) -> T.PretrainedConfig:
     gemma3 = dict(gemma2, layer_types=["full_attention", "sliding_attention"])  # not the default pattern
     granite = dict(llama, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.25,
                    logits_scaling=8.0)
+    phi3 = dict(llama, bos_token_id=0, eos_token_id=0, pad_token_id=0)  # their defaults lie outside a 101 vocab
     return {
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
                                      eos_token_id=0, **NO_DROPOUT),
@@ -66,6 +68,15 @@ def tiny_config(name: str) -> T.PretrainedConfig:
         "granite": lambda: T.GraniteConfig(num_attention_heads=4, num_key_value_heads=2, **granite),
         "granite-tied": lambda: T.GraniteConfig(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
                                                 **granite),
+        "phi3": lambda: T.Phi3Config(num_attention_heads=4, num_key_value_heads=2, **phi3),
+        "phi3-tied": lambda: T.Phi3Config(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                                          rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                               partial_rotary_factor=0.5, short_factor=[1.0, 1.5],
+                                                               long_factor=[2.0, 3.0]),
+                                          original_max_position_embeddings=32, **phi3),
+        "olmo2": lambda: T.Olmo2Config(num_attention_heads=4, num_key_value_heads=2, **phi3),
+        "olmo2-tied": lambda: T.Olmo2Config(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                                            attention_bias=True, **phi3),
     }[name]()
 
 

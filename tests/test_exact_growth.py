@@ -21,7 +21,7 @@ from growkit import grow
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.pipeline import grown_tensors, plan_growth
 
-RMS_FAMILIES = ["llama-gqa4", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied"]
+RMS_FAMILIES = ["llama-gqa4", "llama-tied", "mistral", "qwen2", "qwen3", "qwen3-tied", "phi3", "phi3-tied", "olmo2"]
 MASSIVE = 300.0
 #: hidden 32 -> 48, heads 4 -> 6 (kv heads kept: query groups 4 -> 6 or 2 -> 3), ffn 48 -> 72: 1.5x everywhere
 ONE_AND_A_HALF = dict(hidden=48, heads=6, ffn=72)

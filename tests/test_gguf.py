@@ -93,14 +93,14 @@ def test_bad_gguf_input_gets_one_line(tmp_path: Path) -> None:
     raw = (tmp_path / "ok.gguf").read_bytes()
     (tmp_path / "truncated.gguf").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file\n" * 64)
-    write_llama_gguf(model, tmp_path / "phi3.gguf", "F32", architecture="phi3")
+    write_llama_gguf(model, tmp_path / "stablelm.gguf", "F32", architecture="stablelm")
     write_llama_gguf(model, tmp_path / "holey.gguf", "F32", drop=("model.layers.1.mlp.down_proj.weight",))
     (tmp_path / "config.json").write_text("{}")
     out = tmp_path / "out"
     cases = [
         (["truncated.gguf"], ["truncated.gguf", "not a valid GGUF file, truncated or corrupt"]),
         (["junk.gguf"], ["junk.gguf", "not a valid GGUF file", "magic"]),
-        (["phi3.gguf"], ["phi3.gguf", "unsupported model_type 'phi3'"]),
+        (["stablelm.gguf"], ["stablelm.gguf", "unsupported model_type 'stablelm'"]),
         (["holey.gguf", "--quiet"], ["holey.gguf", "lacks tensor(s) for model.layers.1.mlp.down_proj.weight"]),
         (["ok.gguf", "--config", str(tmp_path / "config.json")], ["ok.gguf", "carries its own config"]),
     ]

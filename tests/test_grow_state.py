@@ -77,7 +77,8 @@ def _worst_departure(family: str, carry: bool, wd: float = WD) -> float:
     return worst
 
 
-FAMILIES = ["gpt2", "gpt2-untied", "llama-gqa4", "llama-tied"]  # llama-gqa4: 4 q / 1 kv untied; llama-tied: 4 / 2
+#: llama-gqa4: 4 q / 1 kv untied; llama-tied: 4 / 2; phi3: fused q/k/v and gate/up; olmo2-tied: post-norms, q/k norms
+FAMILIES = ["gpt2", "gpt2-untied", "llama-gqa4", "llama-tied", "phi3", "olmo2-tied"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

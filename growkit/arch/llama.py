@@ -75,13 +75,18 @@ class LlamaFamily(Family):
             layer += [TensorSpec(a + f"{x}_norm.weight", (Dim((HEAD_DIM,), "elem"),), "norm_weight", per_layer=True,
                                  norm=_RMS)
                       for x in ("q", "k")]
+        return self.around(config, layer)
+
+    def around(self, config: dict[str, Any], layer: list[TensorSpec]) -> list[TensorSpec]:
+        """A layer's tensor templates between the embedding and the final norm (then the head, when untied): the
+        ends every family of this layout shares, whatever its layers hold."""
         specs = [
-            TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), hid_out), "embedding"),
+            TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "out")), "embedding"),
             *layer,
             TensorSpec("model.norm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", final_norm=True, norm=_RMS),
         ]
         if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), hid_in)))
+            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "in"))))
         return specs
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ tiling of kv heads plus a map inside each query group keeps every query head in 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -53,6 +54,48 @@ class Dim:
     #: `up`; query and key beside value). True for the whole dim, or the sections of its QKV factor (wherever
     #: that factor sits in `axes`).
     gated: bool | tuple[int, ...] = False
+    #: A dim that is a concatenation of sections, each a row-major product of axes (Phi-3's GQA `qkv_proj`: q is
+    #: kv_heads x qgroup x head_dim, k and v kv_heads x head_dim). Made with `Dim.concat`; `axes` is then the union
+    #: of the sections' axes (which axes the dim touches), and `gated` numbers sections. Empty for a plain product.
+    sections: tuple[tuple[str, ...], ...] = ()
+    #: The values along this dim are RMS-normalised as a whole (OLMo2's q/k norm spans every head): its writers carry
+    #: the axes' writer scale and the norm's gain divides it out, as on the residual stream, so uneven head
+    #: multiplicities leave the norm's statistic unchanged.
+    normed: bool = False
+
+    @classmethod
+    def concat(cls, sections: tuple[tuple[str, ...], ...], role: Role, gated: bool | tuple[int, ...] = False,
+               normed: bool = False) -> "Dim":
+        """A dim made of `sections` one after another, each gathered with its own axes' maps."""
+        union = tuple(dict.fromkeys(a for section in sections for a in section))
+        return cls(union, role, gated, tuple(sections), normed)
+
+    def parts(self) -> tuple["Dim", ...]:
+        """The sections as plain dims (this dim alone when it is a plain product); gated sections stay gated."""
+        if not self.sections:
+            return (self,)
+        return tuple(Dim(axes, self.role, self.gated is True or (self.gated is not False and i in self.gated),
+                         normed=self.normed) for i, axes in enumerate(self.sections))
+
+    def size(self, size_of: Callable[[str], int]) -> int:
+        """Number of entries along this dim, given the size of one instance of each axis."""
+        total = 0
+        for part in self.parts():
+            n = 1
+            for axis in part.axes:
+                n *= size_of(axis)
+            total += n
+        return total
+
+
+#: How a tensor meets the residual stream where that differs from a pre-norm block's (None: readers read a norm's
+#: output, writers add to the stream, hidden norm gains are pre-norms). With post-norms (OLMo2, h + norm(f(h))):
+#: "post_norm" is a norm gain applied to a block's output before the addition (its gain writes the stream; Gemma2
+#: has them beside its pre-norms);
+#: "normed_writer" a matrix whose hidden output goes through such a norm (it carries the writer scale, so the norm's
+#: statistic holds, but does not write the stream itself); "raw_reader" a matrix that reads the stream itself, not a
+#: norm's output (its hidden fan-in also divides out the writer scale the stream's copies carry).
+StreamRole = Literal["post_norm", "normed_writer", "raw_reader"]
 
 
 @dataclass(frozen=True)
@@ -77,9 +120,9 @@ class TensorSpec:
     per_layer: bool = False
     final_norm: bool = False  # with a tied head, this norm carries the head's fan-in correction
     norm: Norm | None = None  # the norm a "norm_weight" / "norm_bias" tensor belongs to (required for those)
-    #: A norm on a block's output, before the residual add (Gemma2's post-attention and post-feed-forward norms): its
-    #: gain writes the stream, so the stream's writer scale reaches it through its input and it keeps its gain.
-    post_norm: bool = False
+    #: How it meets the residual stream where that differs from a pre-norm block's (`StreamRole`): OLMo2's and
+    #: Gemma2's post-norm gains, the matrices feeding them, OLMo2's raw stream readers.
+    stream: StreamRole | None = None
     #: (axis, p): growth multiplies the value by (new / old size of the axis) ** p, for a tensor whose effect the
     #: model scales by a size at run time (Gemma's embedding is multiplied by sqrt(hidden): stored with p = -1/2).
     size_power: tuple[str, float] | None = None
@@ -104,7 +147,11 @@ class TensorSpec:
         return (x + offset) * factor - offset
 
     def writes_hidden(self) -> bool:
-        """True for tensors that write into the residual stream from inside a block (zeroed by identity depth)."""
+        """True for tensors that write into the residual stream from inside a block (zeroed by identity depth). With
+        post-norms that is the norm's gain: a zero gain silences the block exactly, and unlike zero rows feeding the
+        norm (whose output jumps to full scale after the first step) it grows from zero as it trains."""
+        if self.stream is not None:
+            return self.per_layer and self.stream == "post_norm"
         return self.per_layer and any(d.role == "out" and HIDDEN in d.axes for d in self.dims)
 
 
@@ -141,8 +188,8 @@ class Sizes:
         return [self.axis(a) for a in dim.axes]
 
     def dim_size(self, dim: Dim) -> int:
-        """Size of one tensor dimension: the product of its axes' sizes."""
-        return math.prod(self.factors(dim))
+        """Size of one tensor dimension: the product of its axes' sizes (the sum of its sections' products)."""
+        return dim.size(self.axis)
 
     def shape(self, spec: TensorSpec) -> tuple[int, ...]:
         """Shape of a tensor at these sizes."""

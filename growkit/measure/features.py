@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from growkit.arch.sections import has_sections, plain_parts
 from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 
@@ -62,8 +63,13 @@ def axis_features(x: torch.Tensor, spec: TensorSpec, sizes: Sizes, kind: str) ->
     """`(neurons, d)`: one row per neuron of axis `kind` in tensor `x`, or None if the tensor does not touch it.
 
     The dimension holding the axis is split into its factors and the axis factor moved to the front, so a neuron
-    of a product dimension keeps its whole block (e.g. all head_dim rows of a head, for every query in its group).
+    of a product dimension keeps its whole block (e.g. all head_dim rows of a head, for every query in its group);
+    a dim made of sections gives each neuron its rows in every section that spans the axis, side by side.
     """
+    if has_sections(spec):
+        rows = [f for part, piece in plain_parts(x, spec, sizes) if (f := axis_features(piece, part, sizes, kind))
+                is not None]
+        return torch.cat(rows, 1) if rows else None
     for i, dim in enumerate(spec.dims):
         if kind in dim.axes:
             factors = sizes.factors(dim)

@@ -24,6 +24,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from growkit.arch.sections import has_sections, plain_parts
 from growkit.arch.spec import FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Sizes, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
@@ -80,10 +81,15 @@ def _module_name(tensor_name: str) -> str:
 def axis_energy(x: torch.Tensor, spec: TensorSpec, sizes: Sizes, keep: tuple[str, ...]) -> torch.Tensor | None:
     """Sum of x^2 over everything but the axes `keep` (in that order; an axis the tensor lacks is summed as size 1).
 
-    None when the tensor touches none of `keep`.
+    None when the tensor touches none of `keep`. A dim made of sections sums its sections' energies (a section
+    without one of the `keep` axes counts for every position of it).
     """
     if not any(a in d.axes for d in spec.dims for a in keep):
         return None
+    if has_sections(spec):
+        energies = [e for part, piece in plain_parts(x, spec, sizes)
+                    if (e := axis_energy(piece, part, sizes, keep)) is not None]
+        return sum(energies[1:], energies[0])
     factors: list[str] = []
     shape: list[int] = []
     for dim in spec.dims:
