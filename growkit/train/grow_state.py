@@ -35,8 +35,8 @@ from growkit.arch.spec import TensorSpec
 from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.pipeline import Growth, growth_of_model, grown_model
-from growkit.train.grad_clip import NORM_WEIGHT
 from growkit.train.freeze import Freeze, new_entries, new_layers, trainable_entries
+from growkit.train.grad_clip import NORM_WEIGHT
 
 #: Optimizer state entries scaled like the gradient (t) and like its square (t^2).
 FIRST_MOMENTS = ("exp_avg",)
