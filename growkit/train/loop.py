@@ -30,6 +30,7 @@ from growkit.checkpoint.outputs import check_path
 from growkit.errors import GrowkitError
 from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks, resolve_data_paths
+from growkit.train.grad_clip import clip_grad_norm
 from growkit.train.metrics import MetricsLog, plot_curves
 from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_config
 
@@ -385,7 +386,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            clip_grad_norm(accelerator, model, optimizer, cfg.max_grad_norm)
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
         optimizer.step()
         scheduler.step()
