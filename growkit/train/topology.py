@@ -8,7 +8,8 @@ stderr exactly how it continues:
 
 - same global batch (processes x batch x accumulation): every step reads the same blocks and takes the same LR as
   before, so the run continues as the uninterrupted one would (up to float summation order); processes that the
-  checkpoint has no random state for start theirs from the seed.
+  checkpoint has no random state for start theirs from the seed. Another split of the same global batch between
+  batch size and accumulation, on as many processes, needs no flag (it changes memory use, not the run).
 - another global batch G': step s reads positions [s*G', (s+1)*G') of the same stream, so from the resumed step on
   the run skips (larger batch) or reads again (smaller batch) the blocks between the two positions.
 - another `--steps`: the LR follows the schedule of the new length from the resumed step on (warm-up included when
@@ -54,23 +55,26 @@ def check_topology(resume_from: Path, cfg: Any, world: int) -> list[str]:
     B, K = cfg.batch_size, cfg.grad_accum
     old_global = old_world * saved["batch_size"] * saved["grad_accum"] if old_world else None
     new_global = world * B * K
+    split = (saved["batch_size"], saved["grad_accum"])
+    if old_global is None and split != (B, K):  # without the world size, only the old rule can be checked
+        old_global, new_global = saved["batch_size"] * saved["grad_accum"], B * K
     changed = []
     if old_world is not None and old_world != world:
         changed.append(f"{old_world} processes (now {world})")
-    if (saved["batch_size"], saved["grad_accum"]) != (B, K):
-        changed.append(f"--batch-size {saved['batch_size']} --grad-accum {saved['grad_accum']} (now {B}, {K})")
     if old_global is not None and old_global != new_global:
         changed.append(f"global batch {old_global} (now {new_global})")
     if saved["steps"] != cfg.steps:
         changed.append(f"--steps {saved['steps']} (now {cfg.steps})")
     if not changed:
-        return []
+        return [] if split == (B, K) else [
+            f"--resume: --batch-size {B} --grad-accum {K} (was {split[0]}, {split[1]}): the same global batch "
+            f"{new_global}, so the same data stream"]
     if cfg.steps <= step:
         raise GrowkitError(f"--resume: --steps {cfg.steps} is not past {name}'s step {step}; nothing to train")
     if not cfg.allow_changed_topology:
-        raise GrowkitError(f"--resume: {name} was saved with {', '.join(changed)}; that changes the data stream or "
-                           "the LR schedule: resume with the same values, or pass --allow-changed-topology to go on "
-                           "(README, 'Resuming with another topology')")
+        raise GrowkitError(f"--resume: {name} was saved with {', '.join(changed)}; resume with the same, or pass "
+                           "--allow-changed-topology to go on (the run then says how its data stream and LR schedule "
+                           "continue)")
     return _how_it_continues(cfg, saved, step, old_global, new_global)
 
 
