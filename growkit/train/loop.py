@@ -400,7 +400,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                 loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss / K
                 accelerator.backward(loss)
             step_loss += loss.detach()
-        # The norm before clipping (none with --max-grad-norm 0: an infinite bound scales by 1); None under DeepSpeed
+        # The norm before clipping (max_grad_norm None or 0: an infinite bound, which scales by 1); None under DeepSpeed
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
         lrs = group_lrs(optimizer.param_groups)
