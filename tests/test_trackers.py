@@ -122,6 +122,26 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, corpus, monkeypatch):
     assert config["steps"] == 4 and config["report_to"] == "wandb" and config["grow_at"] == '["2:width=2x"]'
 
 
+def test_a_tracker_that_does_not_start_is_one_line_and_trains_nothing(tmp_path, corpus, monkeypatch):
+    """W&B online without an API key (and no netrc or settings to find one in) refuses to start."""
+    pytest.importorskip("wandb", reason="--report-to wandb needs the wandb package")
+    from growkit.errors import GrowkitError
+    from growkit.train.loop import LEFT_BY_A_FAILED_START
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    out = tmp_path / "run"
+    with pytest.raises(GrowkitError, match=r"^--report-to wandb: the tracker did not start \(UsageError: No API key "
+                                           r"configured\. .*\); nothing was trained$") as refused:
+        growkit.train(fresh_checkpoint(tmp_path / "ckpt"), corpus["train"], out, report_to="wandb",
+                      **{**RUN, "grow_at": []})
+    assert "\n" not in str(refused.value)
+    assert {p.name for p in out.iterdir()} <= LEFT_BY_A_FAILED_START  # a new run may start there
+
+
 def refused_before_training(tmp_path: Path, corpus: dict[str, Path], name: str, message: str) -> None:
     ckpt = fresh_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out"
