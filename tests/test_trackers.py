@@ -179,3 +179,14 @@ def test_accelerate_start_up_errors_are_not_blamed_on_mixed_precision(tmp_path, 
     line = error_line(r.returncode, r.stderr, "accelerate cannot set up this process", "ValueError",
                       "'NONSENSE' is not a valid DynamoBackend")
     assert "precision" not in line and r.returncode == 2
+
+
+def test_recipe_refuses_a_bad_tracker_before_growing(tmp_path):
+    from growkit.errors import GrowkitError
+    from growkit.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("grow: {width: 2}\ntrain: {data: [x.txt], report_to: tensorbord}\n")
+    with pytest.raises(GrowkitError, match=r"^.*/r\.yaml: train\.report_to: --report-to must be one of none, "
+                                           r"tensorboard, wandb, trackio, mlflow, got 'tensorbord'$"):
+        load_recipe(path)
