@@ -109,7 +109,7 @@ class RunTrackers:
         self.growths_logged = len(done)
 
     def finish(self) -> None:
-        """Flush and close every tracker (main process; no collective, so it is safe on the way out of a failure)."""
+        """Flush and close every tracker, on the main process (the others have none started)."""
         if not self.active:
             return
         if self.accelerator.is_main_process:
