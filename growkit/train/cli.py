@@ -41,6 +41,11 @@ def train_command(
                                       "train only the old or only the new entries until the next growth); e.g. "
                                       "300:width=2x (repeatable). The AdamW state and the schedule carry over."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    report_to: str = typer.Option("none", "--report-to", help="Also log the metrics to an experiment tracker: "
+                                  "tensorboard (OUT/runs), wandb, trackio, mlflow, or none (metrics.jsonl/csv only)."),
+    allow_changed_topology: bool = typer.Option(False, "--allow-changed-topology", help="--resume with another "
+                                                "number of processes, global batch or --steps: go on (the run says "
+                                                "how the data stream and LR schedule continue) instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Continue training a checkpoint with Accelerate (works under torchrun / accelerate launch), µP LR groups."""
@@ -53,7 +58,7 @@ def train_command(
               grad_accum=grad_accum, warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup,
               base_width=base_width, mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every,
               seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, grow_at=grow_at,
-              quiet=quiet)
+              quiet=quiet, report_to=report_to, allow_changed_topology=allow_changed_topology)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
         raise Interrupted(f"{out}: training interrupted by {str(exc) or 'SIGINT'}; checkpoints saved so far are kept "
                           "(continue with --resume), the final model was not written") from None
