@@ -22,8 +22,13 @@ import torch
 
 from growkit.errors import GrowkitError
 
-ENGINES = ("ddp", "fsdp", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
+#: The accelerate release whose FSDP2 / DeepSpeed code (and private state, on CPU) this module was tested with.
+ENGINES_ACCELERATE = (1, 15)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,8 @@ def _deepspeed_config(request: EngineRequest, cfg: Any, world: int, environ: Map
                             ("ACCELERATE_GRADIENT_CLIPPING", cfg.max_grad_norm, "max_grad_norm")):
         given = environ.get(env, "").lower()
         if given not in ("", "none", "auto") and (ours is None or float(given) != float(ours)):
-            raise GrowkitError(f"accelerate launch sets {env}={given} but growkit runs with {what} {ours}; "
-                               f"drop it from the launch (growkit's {what} sets DeepSpeed's)")
+            raise GrowkitError(f"accelerate launch sets {env}={given} but growkit runs with {what} {ours} (which "
+                               "sets DeepSpeed's): give the launch the same value or leave it out")
     stage = request.zero_stage
     zero: dict[str, Any] = {"stage": stage}
     for key, device in zip(("offload_optimizer", "offload_param"), request.offload):
@@ -161,15 +166,19 @@ def build_accelerator(cfg: Any, request: EngineRequest | None = None, environ: M
 
     A multi-process launch without an accelerator device runs on gloo (`cpu=True`), so plain torchrun works on CPU.
     """
+    import accelerate
     from accelerate import Accelerator, DeepSpeedPlugin
 
     request = request or check_request(cfg, environ)
     world = int(environ.get("WORLD_SIZE", "1") or 1)
     xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
     cpu = world > 1 and not torch.cuda.is_available() and not xpu
-    if request.name != "ddp" and world < 2:
-        raise GrowkitError(f"{request.source} needs several processes and this is one: launch with torchrun "
-                           "--nproc_per_node N (or accelerate launch --num_processes N)")
+    if request.name != "ddp" and _version(accelerate.__version__) < ENGINES_ACCELERATE:
+        raise GrowkitError(f"{request.source} needs accelerate >= {'.'.join(map(str, ENGINES_ACCELERATE))} (FSDP2 "
+                           f"and DeepSpeed were tested with it), found {accelerate.__version__}")
+    if request.name != "ddp" and world < 2 and not torch.cuda.is_available():
+        raise GrowkitError(f"{request.source} on CPU needs several processes and this is one: launch with torchrun "
+                           "--nproc_per_node N (or accelerate launch --multi_gpu --num_processes N)")
     plugins: dict[str, Any] = {}
     plugin = None
     if request.name == "fsdp":
@@ -196,7 +205,8 @@ def build_accelerator(cfg: Any, request: EngineRequest | None = None, environ: M
         else str(accelerator.distributed_type)
     if request.name in _EXPECTED and (got != _EXPECTED[request.name]
                                       or (request.name == "fsdp" and not accelerator.is_fsdp2)):
-        raise GrowkitError(f"{request.source} asked for {_EXPECTED[request.name]} but accelerate set up {got}")
+        raise GrowkitError(f"{request.source} asked for {_EXPECTED[request.name]} but accelerate set up {got}; "
+                           "launch with torchrun --nproc_per_node N or accelerate launch")
     if accelerator.num_processes != world:
         raise GrowkitError(f"the launch has {world} processes (WORLD_SIZE) but accelerate sees "
                            f"{accelerator.num_processes} ({got}); launch with torchrun --nproc_per_node {world}")
