@@ -20,8 +20,10 @@ from cli_util import error_line, run_cli_batch
 from growkit.errors import GrowkitError
 from test_train import ENV, _free_port, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
 
-# 4 steps of 2 processes x 2 micro-steps x 1 sequence == one process x 2 micro-steps x 2 sequences
-RUN = ["--steps", "4", "--lr", "2e-3", "--seq-len", "64", "--seed", "1", "--grad-accum", "2", "--save-every", "2"]
+# 4 steps of 2 processes x 2 micro-steps x 1 sequence == one process x 2 micro-steps x 2 sequences. Clipping at 0.1
+# changes these losses by up to 5e-4 (at 1.0 it would not act), so each engine must clip as one process does.
+RUN = ["--steps", "4", "--lr", "2e-3", "--seq-len", "64", "--seed", "1", "--grad-accum", "2", "--save-every", "2",
+       "--max-grad-norm", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def one_process(tmp_path_factory, grown, corpus) -> Path:  # noqa: F811
     """The reference: the same run in one process with the same global batch."""
     out = tmp_path_factory.mktemp("one") / "run"
     growkit.train(grown, corpus["train"], out, steps=4, lr=2e-3, seq_len=64, seed=1, grad_accum=2, batch_size=2,
-                  save_every=2, quiet=True)
+                  save_every=2, max_grad_norm=0.1, quiet=True)
     return out
 
 
@@ -109,7 +111,8 @@ def test_requests_that_cannot_be_honoured_are_refused(tmp_path, grown, corpus, m
     cases = {"--fsdp": (["--fsdp"], "--fsdp on CPU needs several processes"),
              "both": (["--fsdp", "--deepspeed", "2"], "choose one engine"),
              "stage": (["--deepspeed", "4"], "ZeRO stage (1, 2 or 3)"),
-             "grow": (["--fsdp", "--grow-at", "2:width=2x"], "--grow-at under --fsdp")}
+             "grow": (["--fsdp", "--grow-at", "2:width=2x"], "--grow-at under --fsdp"),
+             "clip": (["--max-grad-norm", "-1"], "--max-grad-norm must be a number >= 0")}
     results = run_cli_batch([["train", *base, "-o", tmp_path / name, *extra] for name, (extra, _) in cases.items()])
     for (name, (_, fragment)), r in zip(cases.items(), results):
         assert r.returncode == 2, (name, r.stderr)

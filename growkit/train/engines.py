@@ -108,7 +108,7 @@ def _deepspeed_config(request: EngineRequest, cfg: Any, world: int, environ: Map
     through `prepare`), accumulation and clipping done by the engine, precision. A different value in accelerate
     launch's environment is refused, not silently overridden."""
     for env, ours, what in (("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", cfg.grad_accum, "--grad-accum"),
-                            ("ACCELERATE_GRADIENT_CLIPPING", cfg.max_grad_norm, "max_grad_norm")):
+                            ("ACCELERATE_GRADIENT_CLIPPING", cfg.max_grad_norm, "--max-grad-norm")):
         given = environ.get(env, "").lower()
         if given not in ("", "none", "auto") and (ours is None or float(given) != float(ours)):
             raise GrowkitError(f"accelerate launch sets {env}={given} but growkit runs with {what} {ours} (which "

@@ -90,6 +90,8 @@ class TrainConfig:
             raise GrowkitError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
             raise GrowkitError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise GrowkitError(f"--max-grad-norm must be a number >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup is not None and self.warmup < 0:
             raise GrowkitError(f"--warmup must be >= 0, got {self.warmup}")
         if not 0 <= self.start_step < self.steps:
