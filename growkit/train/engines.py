@@ -233,12 +233,13 @@ def describe_engine(accelerator: Any, batch_size: int, grad_accum: int, seq_len:
 
 
 def engine_line(info: dict[str, Any], batch_size: int, grad_accum: int) -> str:
-    """`engine FSDP (FSDP2), world size 2, global batch 8 sequences (2 processes x 2 micro-steps x 2), 512 tokens`."""
+    """`engine FSDP (FSDP2), world size 2, global batch 8 sequences (2 processes x 2 micro-steps x 2), 2,048 tokens`."""
     detail = (f" (FSDP{info['fsdp_version']})" if "fsdp_version" in info
               else f" (ZeRO-{info['zero_stage']})" if "zero_stage" in info else "")
-    return (f"engine {info['engine']}{detail}, world size {info['world_size']}, global batch {info['global_batch']} "
-            f"sequences ({info['world_size']} processes x {grad_accum} micro-steps x {batch_size}), "
-            f"{info['global_batch_tokens']:,} tokens")
+    world = info["world_size"]
+    return (f"engine {info['engine']}{detail}, world size {world}, global batch {info['global_batch']} sequences "
+            f"({world} process{'es' if world > 1 else ''} x {grad_accum} micro-step{'s' if grad_accum > 1 else ''} "
+            f"x {batch_size}), {info['global_batch_tokens']:,} tokens")
 
 
 def align_accumulation(accelerator: Any, grad_accum: int) -> None:
