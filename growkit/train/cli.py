@@ -24,6 +24,11 @@ def train_command(
     mup: Optional[bool] = typer.Option(None, "--mup/--no-mup", help="µP LR groups (default: on when a base is known)."),
     base_width: str = typer.Option("auto", help="µP base hidden size: 'auto' (from growkit.json) or N."),
     mixed_precision: str = typer.Option("no", help="no | bf16 | fp16."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard model, gradients and optimizer state with FSDP2 (each "
+                                                    "decoder layer a unit; needs a multi-process launch)."),
+    deepspeed: Optional[int] = typer.Option(None, "--deepspeed", metavar="STAGE", help="Train with DeepSpeed ZeRO "
+                                            "stage 1, 2 or 3 (config built from these options; multi-process)."),
+    max_grad_norm: float = typer.Option(1.0, help="Clip the gradient norm to this (0: no clipping)."),
     eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out text/JSONL for evaluation."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: steps/10 with --eval-data)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (needed for --resume)."),
@@ -56,7 +61,9 @@ def train_command(
         train(checkpoint, [*data, *(more_data or [])], out, eval_data=eval_data or None, resume=resume,
               text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
               grad_accum=grad_accum, warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup,
-              base_width=base_width, mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every,
+              base_width=base_width, mixed_precision=mixed_precision, fsdp=fsdp, deepspeed=deepspeed,
+              max_grad_norm=max_grad_norm or None,
+              eval_every=eval_every, save_every=save_every,
               seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, grow_at=grow_at,
               quiet=quiet, report_to=report_to, allow_changed_topology=allow_changed_topology)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130

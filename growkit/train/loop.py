@@ -84,6 +84,9 @@ class TrainConfig:
     report_to: str = "none"
     # --resume with another world size, global batch or --steps: go on instead of refusing (growkit.train.topology).
     allow_changed_topology: bool = False
+    # Engine (growkit.train.engines): FSDP2, or DeepSpeed ZeRO stage 1-3; default plain data parallel.
+    fsdp: bool = False
+    deepspeed: int | None = None
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -96,6 +99,8 @@ class TrainConfig:
             raise GrowkitError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
             raise GrowkitError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise GrowkitError(f"--max-grad-norm must be a number >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup is not None and self.warmup < 0:
             raise GrowkitError(f"--warmup must be >= 0, got {self.warmup}")
         if not 0 <= self.start_step < self.steps:
@@ -110,6 +115,9 @@ class TrainConfig:
             from growkit.train.grow_loop import parse_grow_at
 
             parse_grow_at(self.grow_at)
+        from growkit.train.engines import check_request
+
+        check_request(self)
         for name in ("eval_every", "save_every", "stop_after"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -167,22 +175,13 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_accelerator(mixed_precision: str = "no", **options: Any):
-    """An Accelerator for this process (picks up torchrun / `accelerate launch` environment); `options` go to
-    `Accelerator` (the trackers' `log_with` and `project_dir`).
+def make_accelerator(mixed_precision: str = "no", cfg: TrainConfig | None = None, **options: Any):
+    """An Accelerator for this process (picks up torchrun / `accelerate launch` environment) running the engine
+    `cfg` and the launch ask for, or a one-line refusal (growkit.train.engines); `options` go to `Accelerator`
+    (the trackers' `log_with` and `project_dir`)."""
+    from growkit.train.engines import build_accelerator
 
-    Accelerate only treats a multi-process launch without an accelerator device as MULTI_CPU (gloo) when told
-    `cpu=True`; we say so when several processes were launched and no GPU is visible, so plain torchrun works.
-    """
-    from accelerate import Accelerator
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    cpu = world > 1 and not torch.cuda.is_available() and not xpu
-    try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **options)
-    except (ValueError, RuntimeError) as exc:
-        raise accelerator_error(exc, mixed_precision) from None
+    return build_accelerator(cfg or TrainConfig(mixed_precision=mixed_precision), **options)
 
 
 @torch.no_grad()
@@ -306,8 +305,10 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     model in HF format. `resume_from` is a checkpoint directory written by an earlier run with the same data.
     """
     cfg.validate()
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision, **accelerator_options(cfg.report_to, out_dir))
+    accelerator = accelerator or make_accelerator(cfg=cfg, **accelerator_options(cfg.report_to, out_dir))
     from accelerate.utils import set_seed
+
+    from growkit.train.engines import align_accumulation, check_prepared, describe_engine
 
     set_seed(cfg.seed)
     is_main = accelerator.is_main_process
@@ -333,7 +334,9 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     data_shift = (cfg.start_step if cfg.data_start is None else cfg.data_start) - cfg.start_step
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
+    align_accumulation(accelerator, K)
     model, optimizer = accelerator.prepare(model, optimizer)
+    check_prepared(accelerator, model, optimizer)
     if resume_from is not None:
         accelerator.load_state(str(Path(resume_from) / STATE_DIR))
         log(f"resumed from {resume_from} at step {state.step}")
@@ -396,13 +399,14 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         for micro in range(K):
             idx = sampler.micro_batch(state.step + data_shift, micro, rank, world, K, B)
             x = train_blocks.batch(idx).to(accelerator.device)
-            sync = contextlib.nullcontext() if micro == K - 1 else accelerator.no_sync(model)
-            with sync:
-                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss / K
+            # accumulate: no gradient sync before the last micro-step; backward divides by K (DeepSpeed's engine
+            # divides, and steps, itself)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
                 accelerator.backward(loss)
-            step_loss += loss.detach()
+            step_loss += loss.detach() / K
         # The norm before clipping (max_grad_norm None or 0: an infinite bound, which scales by 1), in the small
-        # model's units after a growth; None under DeepSpeed
+        # model's units after a growth; None under DeepSpeed (its engine clips)
         grad_norm = clip_grad_norm(accelerator, model, optimizer, cfg.max_grad_norm or math.inf)
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
         lrs = group_lrs(optimizer.param_groups)
@@ -456,6 +460,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             stop_if_diverged(None)
             summary = {"steps": state.step, "tokens": state.tokens, "train_loss": result.train_loss,
                        "eval_loss": last_eval, "elapsed_s": round(state.elapsed_s, 2), "processes": world,
+                       **describe_engine(accelerator, B, K, T),
                        "mup": use_mup, "config": _jsonable(cfg), **(run_info or {}),
                        **({"growths": growth.done} if growth is not None else {})}
             card = _card_provenance(provenance, summary, run_info)
@@ -586,9 +591,12 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a user-facing problem with the directory
         raise GrowkitError(f"checkpoint {ckpt}: tokenizer does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision, **accelerator_options(cfg.report_to, out))
-    if accelerator.num_processes > 1 and accelerator.is_main_process and not cfg.quiet:
-        print(f"growkit train: {accelerator.num_processes} processes ({accelerator.distributed_type})", file=sys.stderr)
+    accelerator = accelerator or make_accelerator(cfg=cfg, **accelerator_options(cfg.report_to, out))
+    if accelerator.is_main_process and not cfg.quiet:
+        from growkit.train.engines import describe_engine, engine_line
+
+        info = describe_engine(accelerator, cfg.batch_size, cfg.grad_accum, cfg.seq_len)
+        print(f"growkit train: {engine_line(info, cfg.batch_size, cfg.grad_accum)}", file=sys.stderr)
     if resume_from is not None:
         for note in check_topology(resume_from, cfg, accelerator.num_processes):
             if accelerator.is_main_process:
