@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -68,11 +69,20 @@ def test_sigterm_on_one_rank_stops_both_and_the_checkpoint_resumes_on_one_proces
 KW = dict(lr=1e-12, batch_size=2, seq_len=32, warmup=2, weight_decay=0.0, quiet=True, seed=5, save_every=2)
 
 
-@pytest.fixture
-def stopped_at_2(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, corpus):
     """A one-process run of 8 steps stopped after its checkpoint at step 2 (lr ~ 0: each loss names its batch)."""
-    ckpt = fresh_checkpoint(tmp_path / "ckpt", "gpt2")
-    growkit.train(ckpt, corpus["train"], tmp_path / "run", steps=8, stop_after=2, **KW)
+    tmp = tmp_path_factory.mktemp("stopped")
+    ckpt = fresh_checkpoint(tmp / "ckpt", "gpt2")
+    growkit.train(ckpt, corpus["train"], tmp / "run", steps=8, stop_after=2, **KW)
+    return ckpt, tmp / "run"
+
+
+@pytest.fixture
+def stopped_at_2(stopped_run, tmp_path):
+    """A copy of `stopped_run` of this test's own, to resume."""
+    ckpt, run = stopped_run
+    shutil.copytree(run, tmp_path / "run")
     return ckpt, tmp_path / "run"
 
 
@@ -81,7 +91,7 @@ def stopped_at_2(tmp_path, corpus):
                     r"--allow-changed-topology to go on \(the run then says how"),
     ({"batch_size": 4}, r"checkpoint-2 was saved with global batch 2 \(now 4\); "),
     ({"grad_accum": 2, "steps": 9}, r"checkpoint-2 was saved with global batch 2 \(now 4\), --steps 8 \(now 9\); "),
-])
+], ids=["steps", "batch-size", "grad-accum-and-steps"])
 def test_resume_refuses_a_changed_global_batch_or_step_count(stopped_at_2, corpus, change, match):
     ckpt, out = stopped_at_2
     before = sorted(p.name for p in out.iterdir())

@@ -122,23 +122,25 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, corpus, monkeypatch):
     assert config["steps"] == 4 and config["report_to"] == "wandb" and config["grow_at"] == '["2:width=2x"]'
 
 
-def test_a_tracker_that_does_not_start_is_one_line_and_trains_nothing(tmp_path, corpus, monkeypatch):
-    """W&B online without an API key (and no netrc or settings to find one in) refuses to start."""
+def test_a_tracker_that_does_not_start_is_one_line_and_trains_nothing(tmp_path, corpus):
+    """W&B online without an API key (and no netrc or settings to find one in) refuses to start. In a process of its
+    own: wandb keeps its first run's settings (another test's offline mode) for the rest of a process."""
+    import subprocess
+    import sys
+
     pytest.importorskip("wandb", reason="--report-to wandb needs the wandb package")
-    from growkit.errors import GrowkitError
     from growkit.train.loop import LEFT_BY_A_FAILED_START
 
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     (tmp_path / "netrc").write_text("")
-    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    env = cli_env(WANDB_MODE="online", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), NETRC=str(tmp_path / "netrc"))
+    env.pop("WANDB_API_KEY", None)
     out = tmp_path / "run"
-    with pytest.raises(GrowkitError, match=r"^--report-to wandb: the tracker did not start \(UsageError: No API key "
-                                           r"configured\. .*\); nothing was trained$") as refused:
-        growkit.train(fresh_checkpoint(tmp_path / "ckpt"), corpus["train"], out, report_to="wandb",
-                      **{**RUN, "grow_at": []})
-    assert "\n" not in str(refused.value)
+    r = subprocess.run([sys.executable, "-m", "growkit.cli", "train", str(fresh_checkpoint(tmp_path / "ckpt")), "-d",
+                        str(corpus["train"]), "-o", str(out), "--steps", "2", "--seq-len", "32", "--report-to", "wandb",
+                        "-q"], capture_output=True, text=True, timeout=240, env=env)
+    error_line(r.returncode, r.stderr, "error: --report-to wandb: the tracker did not start (UsageError: No API key "
+               "configured.", "); nothing was trained")
+    assert r.returncode == 2
     assert {p.name for p in out.iterdir()} <= LEFT_BY_A_FAILED_START  # a new run may start there
 
 
