@@ -16,9 +16,8 @@ from typing import Any
 from growkit.arch.spec import (
     LAYERNORM_STREAM,
     FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, QKV, VOCAB, Dim, Family, Sizes, TensorSpec, head, heads_not_in_shapes,
-    layer_norm, linear,
+    layer_norm, linear, multi_head_sizes,
 )
-from growkit.errors import GrowkitError
 
 _HEADS = (KV_HEADS, QGROUP, HEAD_DIM)
 _QKV = (KV_HEADS, QGROUP, QKV, HEAD_DIM)
@@ -30,18 +29,14 @@ _HEAD, _STORED_HEAD = "lm_head.weight", "embed_out.weight"
 _EPS = "layer_norm_eps"
 LIMITS = LAYERNORM_STREAM
 
+
 class GPTNeoXFamily(Family):
     def __init__(self) -> None:
         super().__init__(name="gpt_neox", model_types=("gpt_neox",), limits=LIMITS,
                          ignorable=(".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq"))
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        if hidden % heads:
-            raise GrowkitError(f"config: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        return Sizes(hidden=hidden, ffn=int(config["intermediate_size"]), heads=heads, kv_heads=heads,
-                     layers=int(config["num_hidden_layers"]), head_dim=hidden // heads,
-                     vocab=int(config["vocab_size"]), positions=int(config.get("max_position_embeddings", 0)))
+        return multi_head_sizes(config, ffn=int(config["intermediate_size"]))
 
     def tied(self, config: dict[str, Any]) -> bool:
         return bool(config.get("tie_word_embeddings", False))

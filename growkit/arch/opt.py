@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 from growkit.arch.spec import (
     LAYERNORM_STREAM, Limit,
     EMBED_PROJ, FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, VOCAB, Dim, Family, Sizes, TensorSpec,
-    head, heads_not_in_shapes, layer_norm, linear,
+    head, heads_not_in_shapes, layer_norm, linear, multi_head_sizes,
 )
-from growkit.errors import GrowkitError
 
 if TYPE_CHECKING:
     from growkit.plan import GrowthPlan
@@ -42,13 +41,8 @@ class OPTFamily(Family):
         super().__init__(name="opt", model_types=("opt",), limits=LIMITS)
 
     def sizes(self, config: dict[str, Any]) -> Sizes:
-        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        if hidden % heads:
-            raise GrowkitError(f"config: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        return Sizes(hidden=hidden, ffn=int(config["ffn_dim"]), heads=heads, kv_heads=heads,
-                     layers=int(config["num_hidden_layers"]), head_dim=hidden // heads,
-                     vocab=int(config["vocab_size"]), positions=int(config["max_position_embeddings"]),
-                     position_offset=_POSITION_OFFSET, embed_proj=_embed_proj(config) or hidden)
+        return multi_head_sizes(config, ffn=int(config["ffn_dim"]), position_offset=_POSITION_OFFSET,
+                                embed_proj=_embed_proj(config) or int(config["hidden_size"]))
 
     def tied(self, config: dict[str, Any]) -> bool:
         return bool(config.get("tie_word_embeddings", True))

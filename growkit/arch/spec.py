@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from growkit.errors import GrowkitError
+
 if TYPE_CHECKING:
     from growkit.plan import GrowthPlan
 
@@ -303,6 +305,17 @@ def heads_not_in_shapes(query_outputs: int, common: int) -> HeadsUnknown:
     counts = [query_outputs // d for d in (256, 128, 64, 32, 16, 8, 4, 2, 1) if common % d == 0][:4]
     return HeadsUnknown(f"the tensor shapes do not say how many attention heads there are ({query_outputs} query "
                         f"outputs fit {', '.join(map(str, counts))}, ... heads)")
+
+
+def multi_head_sizes(config: dict[str, Any], ffn: int, **extra: int) -> Sizes:
+    """Sizes of a multi-head model (every head its own kv head, head_dim = hidden / heads) under transformers'
+    usual config keys; `extra` carries the family's other sizes (a position offset, a projection width)."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    if hidden % heads:
+        raise GrowkitError(f"config: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    return Sizes(hidden=hidden, ffn=ffn, heads=heads, kv_heads=heads, layers=int(config["num_hidden_layers"]),
+                 head_dim=hidden // heads, vocab=int(config["vocab_size"]),
+                 positions=int(config.get("max_position_embeddings", 0)), **extra)
 
 
 def linear(name: str, out: Dim, inp: Dim, bias: bool) -> list[TensorSpec]:

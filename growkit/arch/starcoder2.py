@@ -21,6 +21,7 @@ _FC = "model.layers.0.mlp.c_fc.weight"  # the name that tells a StarCoder2 file 
 _EPS = "norm_epsilon"
 LIMITS = LAYERNORM_STREAM
 
+
 class Starcoder2Family(Family):
     def __init__(self) -> None:
         super().__init__(name="starcoder2", model_types=("starcoder2",), limits=LIMITS,
