@@ -6,7 +6,7 @@ from typing import Any
 
 from growkit.arch.spec import (
     FFN, HEAD_DIM, HIDDEN, KV_HEADS, POSITIONS, QGROUP, QKV, VOCAB, LAYERNORM_STREAM, Dim, Family, Limit, Norm, Sizes,
-    TensorSpec, heads_not_in_shapes,
+    TensorSpec, head, heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
@@ -60,9 +60,7 @@ class GPT2Family(Family):
             TensorSpec(f"{p}ln_f.weight", hid_e, "norm_weight", final_norm=True, norm=_LN),
             TensorSpec(f"{p}ln_f.bias", hid_e, "norm_bias", final_norm=True, norm=_LN),
         ]
-        if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "in"))))
-        return specs
+        return specs + head(self.tied(config))
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
         new = dict(config)

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Norm, Sizes, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Norm, Sizes, TensorSpec, head, heads_not_in_shapes,
 )
 from growkit.errors import GrowkitError
 
@@ -85,9 +85,7 @@ class LlamaFamily(Family):
             *layer,
             TensorSpec("model.norm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", final_norm=True, norm=_RMS),
         ]
-        if not self.tied(config):
-            specs.append(TensorSpec("lm_head.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "in"))))
-        return specs
+        return specs + head(self.tied(config))
 
     def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
         new = dict(config)
