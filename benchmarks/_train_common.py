@@ -26,24 +26,28 @@ BATCH = 16
 EVAL_BLOCKS = 128
 
 
-def stdlib_blocks(tokenizer, seq_len: int = SEQ) -> tuple[TokenBlocks, TokenBlocks]:
-    """Train and validation blocks of the stdlib split (the data the bundled models were trained on)."""
-    train = TokenBlocks.from_texts(list(iter_stdlib_texts("train")), tokenizer, seq_len)
-    val = TokenBlocks.from_texts(list(iter_stdlib_texts("val")), tokenizer, seq_len)
+def stdlib_blocks(tokenizer, seq_len: int = SEQ, max_bytes: tuple[int, int] | None = None
+                  ) -> tuple[TokenBlocks, TokenBlocks]:
+    """Train and validation blocks of the stdlib split (the data the bundled models were trained on); `max_bytes`
+    (train, val) keeps only the first bytes of each split (smoke runs)."""
+    train_bytes, val_bytes = max_bytes or (None, None)
+    train = TokenBlocks.from_texts(list(iter_stdlib_texts("train", train_bytes)), tokenizer, seq_len)
+    val = TokenBlocks.from_texts(list(iter_stdlib_texts("val", val_bytes)), tokenizer, seq_len)
     return train, val
 
 
-def prepare_run(args, default_out: Path):
+def prepare_run(args, default_out: Path, accelerator=None, max_bytes: tuple[int, int] | None = None):
     """What every training benchmark does first: resolve --out, set --threads, load the bundled tokenizer, cut the
-    stdlib corpus into train/val blocks and make the accelerator. Returns (tokenizer, train, val, accelerator)."""
+    stdlib corpus into train/val blocks and make the accelerator (unless given one). Returns (tokenizer, train, val,
+    accelerator)."""
     import torch
     import transformers as T
 
     args.out = args.out or default_out
     torch.set_num_threads(args.threads)
     tok = T.AutoTokenizer.from_pretrained(REPO / "models" / "tokenizer")
-    train_blocks, val_blocks = stdlib_blocks(tok)
-    return tok, train_blocks, val_blocks, make_accelerator()
+    train_blocks, val_blocks = stdlib_blocks(tok, max_bytes=max_bytes)
+    return tok, train_blocks, val_blocks, accelerator or make_accelerator()
 
 
 def flops_per_token(config, seq_len: int = SEQ) -> float:
@@ -94,16 +98,17 @@ class Curve:
 
 def run(model, label: str, train_blocks: TokenBlocks, val_blocks: TokenBlocks, *, steps: int, lr: float,
         eval_every: int, base_config=None, seed: int = 0, stop_below: float | None = None, accelerator=None,
-        warmup: int | None = None, batch_size: int = BATCH, **schedule) -> Curve:
+        warmup: int | None = None, batch_size: int = BATCH, eval_blocks: int = EVAL_BLOCKS, **schedule) -> Curve:
     """Train with the shared recipe, evaluating every `eval_every` steps; optionally stop once the eval loss is at
     or below `stop_below` (the schedule stays that of `steps`). `schedule`: start_step / data_start / stop_after
     (TrainConfig fields) for runs that continue or stop part-way through a schedule."""
     accelerator = accelerator or make_accelerator()
+    model.to(accelerator.device)  # the step-0 evaluation runs before `fit` prepares (and moves) the model
     curve = Curve(label)
     curve.steps.append(0)
-    curve.losses.append(evaluate(model, val_blocks, accelerator, batch_size, EVAL_BLOCKS))
+    curve.losses.append(evaluate(model, val_blocks, accelerator, batch_size, eval_blocks))
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup=warmup, schedule="cosine", min_lr_ratio=0.1,
-                      weight_decay=0.1, eval_every=eval_every, eval_blocks=EVAL_BLOCKS, seed=seed, quiet=True,
+                      weight_decay=0.1, eval_every=eval_every, eval_blocks=eval_blocks, seed=seed, quiet=True,
                       mup=base_config is not None, **schedule)
 
     def on_step(row: dict) -> bool:

@@ -30,8 +30,9 @@ _installed = False
 _armed = False
 _received: str | None = None
 
-#: Test hook: "NAME:FILE" makes `pause_point(NAME)` create FILE and wait there until FILE is removed or a signal
-#: arrives, so tests can send a signal at an exact point instead of guessing with sleeps.
+#: Test hook: "NAME:FILE" makes `pause_point(NAME)` create FILE (FILE.rank<N> in each process of a multi-process
+#: run) holding its pid and wait there until FILE is removed or a signal arrives, so tests can send a signal at an
+#: exact point instead of guessing with sleeps.
 PAUSE_ENV = "GROWKIT_TEST_PAUSE"
 
 
@@ -49,6 +50,18 @@ def install() -> None:
     _installed, _armed = True, False
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
+
+
+def installed() -> bool:
+    """Whether the CLI's handlers are in charge (library use: they are not, and a signal is the caller's)."""
+    return _installed
+
+
+def defer() -> None:
+    """From here on a signal is recorded, not raised, until `arm()`: for work that must reach a safe point first (a
+    multi-process training step, whose collectives would leave the other processes waiting for this one)."""
+    global _armed
+    _armed = False
 
 
 def pending() -> str | None:
@@ -83,6 +96,8 @@ def pause_point(name: str) -> None:
     point, _, marker = spec.partition(":")
     if point != name or not marker:
         return
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun: one marker per process, FILE.rank<N>
+        marker = f"{marker}.rank{os.environ.get('RANK', '0')}"
     flag = Path(marker)
     flag.write_text(f"{os.getpid()}\n")
     while flag.exists() and pending() is None:

@@ -262,6 +262,13 @@ def _check_train_options(train: dict[str, Any], path: Path) -> None:
                                f"(options: {', '.join(sorted(allowed))})")
     if not train.get("data"):
         raise GrowkitError(f"{path}: train.data: required (files, directories, or stdlib:train)")
+    if "report_to" in train:  # a tracker that cannot start is refused before the growth, not after it
+        from growkit.train.trackers import check_report_to
+
+        try:
+            check_report_to(train["report_to"])
+        except GrowkitError as exc:
+            raise GrowkitError(f"{path}: train.report_to: {exc}") from None
 
 
 def run_recipe(path: str | Path, dry_run: bool = False, overrides: dict[str, Any] | None = None, *,

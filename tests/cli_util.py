@@ -154,3 +154,31 @@ def start_paused(point: str, marker: Path, *args: str | Path, cwd: Path = REPO) 
             raise AssertionError(f"the run never reached {point}: {proc.communicate()}")
         time.sleep(0.02)
     return proc
+
+
+def free_port() -> int:
+    """A port nobody listens on now, so two suites on one machine do not collide."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_torchrun_paused(point: str, marker: Path, nproc: int, *args: str | Path
+                          ) -> tuple[subprocess.Popen[str], dict[int, int]]:
+    """`torchrun --nproc_per_node N -m growkit.cli ARGS` whose every process waits at `point`; returns once all are
+    there, with each rank's pid. A rank goes on once its marker (MARKER.rank<N>) is removed, or it gets a signal."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), "-m", "growkit.cli", *map(str, args)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=cli_env(**{PAUSE_ENV: f"{point}:{marker}", "OMP_NUM_THREADS": "1"}),
+                            preexec_fn=_child_setup)
+    markers = {rank: Path(f"{marker}.rank{rank}") for rank in range(nproc)}
+    deadline = time.monotonic() + 600  # generous: only a run that never gets there waits this long
+    while not all(m.exists() and m.read_text().strip() for m in markers.values()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run never reached {point}: {proc.communicate()}")
+        time.sleep(0.02)
+    return proc, {rank: int(m.read_text()) for rank, m in markers.items()}

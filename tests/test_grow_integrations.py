@@ -15,6 +15,7 @@ from growkit.train.mup import mup_param_groups
 from test_grow_state import _batches, _small
 
 GROW_AT, STEPS, REL = 4, 10, 1e-5
+MAX_NORM = 0.25  # below every gradient norm of the Trainer run (checked), so its clip is active on every step
 
 
 def _rel(a: float, b: float) -> float:
@@ -91,23 +92,26 @@ def test_accelerate_loop(tmp_path):
     assert _rel(_final_loss(small), _final_loss(grown)) <= REL
 
 
-def _trainer_run(grow: bool, tmp_path) -> tuple[list[float], torch.nn.Module]:
+def _trainer_run(grow: bool, tmp_path) -> tuple[list[float], list[float], torch.nn.Module]:
     from growkit.train.integrations import GrowingTrainer, GrowthCallback
 
     data = [{"input_ids": x[i], "labels": x[i]} for x in _batches(STEPS) for i in range(4)]
     args = T.TrainingArguments(output_dir=str(tmp_path / f"trainer-{grow}"), max_steps=STEPS, learning_rate=3e-3,
-                               per_device_train_batch_size=4, weight_decay=0.1, warmup_steps=3, max_grad_norm=0.0,
+                               per_device_train_batch_size=4, weight_decay=0.1, warmup_steps=3, max_grad_norm=MAX_NORM,
                                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
     callbacks = [GrowthCallback({GROW_AT: dict(width="2x")})] if grow else []
     trainer_class = GrowingTrainer if grow else T.Trainer
     trainer = trainer_class(model=_small("llama-tied"), args=args, train_dataset=data, callbacks=callbacks)
     trainer.train()
-    return [row["loss"] for row in trainer.state.log_history if "loss" in row], trainer.model
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    return [row["loss"] for row in rows], [row["grad_norm"] for row in rows], trainer.model
 
 
 def test_transformers_trainer(tmp_path):
-    small_losses, small = _trainer_run(False, tmp_path)
-    grown_losses, grown = _trainer_run(True, tmp_path)
+    small_losses, small_norms, small = _trainer_run(False, tmp_path)
+    grown_losses, grown_norms, grown = _trainer_run(True, tmp_path)
     assert len(grown_losses) == STEPS and grown.config.hidden_size == 2 * small.config.hidden_size
+    assert min(small_norms) > MAX_NORM  # every step clipped: after growth, in the small model's units
+    assert max(_rel(a, b) for a, b in zip(small_norms, grown_norms)) <= REL
     assert max(_rel(a, b) for a, b in zip(small_losses, grown_losses)) <= REL
     assert _rel(_final_loss(small), _final_loss(grown)) <= REL

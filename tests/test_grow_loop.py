@@ -14,7 +14,9 @@ from growkit.errors import GrowkitError
 from test_train import ENV, _cli, _free_port, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
 
 GROW = ["4:width=2x,untie-head=yes,freeze=old", "8:layers=2x,depth-method=identity"]
-KW = dict(steps=11, lr=2e-3, batch_size=4, seq_len=64, grad_accum=2, warmup=2, quiet=True, seed=3, grow_at=GROW)
+# max_grad_norm: every step clipped, so a resumed run must also restore the clip's factors after a growth.
+KW = dict(steps=11, lr=2e-3, batch_size=4, seq_len=64, grad_accum=2, warmup=2, quiet=True, seed=3, grow_at=GROW,
+          max_grad_norm=1e-3)
 
 
 def _weights_gap(a, b) -> float:
@@ -38,6 +40,16 @@ def test_grow_at_resume_before_at_and_after_a_growth_point_equals_one_run(tmp_pa
     growkit.train(ckpt, corpus["train"], tmp_path / "b", resume=True, **KW)
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a"), abs=1e-6)
     assert _weights_gap(tmp_path / "a", tmp_path / "b") < 1e-6
+
+
+def test_grow_at_noiseless_clone_with_clipping_continues_the_small_run(tmp_path, corpus):
+    # max_grad_norm far below any gradient norm here: every step is clipped, after growth in the small model's units.
+    ckpt = fresh_checkpoint(tmp_path / "ckpt", "llama")
+    kw = {**KW, "grad_accum": 1, "steps": 8, "max_grad_norm": 1e-3}
+    small = growkit.train(ckpt, corpus["train"], tmp_path / "small", **{**kw, "grow_at": []})
+    grown = growkit.train(ckpt, corpus["train"], tmp_path / "grown", **{**kw, "grow_at": ["3:width=2x,noise=none"]})
+    assert grown.model.config.hidden_size == 2 * small.model.config.hidden_size
+    assert losses(tmp_path / "grown") == pytest.approx(losses(tmp_path / "small"), rel=1e-5)
 
 
 @pytest.mark.parametrize("grow_at, message", [

@@ -11,6 +11,7 @@ import torch
 import transformers as T
 
 from growkit.errors import GrowkitError
+from growkit.train.grad_clip import NORM_WEIGHT, clip_grown_grad_norm_
 from growkit.train.grow_state import grow_training_state
 from conftest import randomize, tiny_config
 
@@ -37,27 +38,32 @@ def _adamw(model: torch.nn.Module) -> tuple[torch.optim.AdamW, torch.optim.lr_sc
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _warmup)
 
 
-def _step(model, opt, sched, x) -> float:
+def _step(model, opt, sched, x, clip=None) -> float:
+    """One AdamW step; `clip(model, opt)` clips the gradients first."""
     loss = model(input_ids=x, labels=x).loss
     loss.backward()
+    if clip is not None:
+        clip(model, opt)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
-def _trained_small(family: str):
+def _trained_small(family: str, clip=None):
     """The small model after BEFORE steps, with its optimizer and scheduler."""
     model = _small(family)
     opt, sched = _adamw(model)
     for x in _batches(BEFORE):
-        _step(model, opt, sched, x)
+        _step(model, opt, sched, x, clip)
     return model, opt, sched
 
 
-def _worst_departure(family: str, carry: bool) -> float:
-    """Largest relative per-step loss gap between the small model and its clone over the AFTER steps after growth."""
-    model, opt, sched = _trained_small(family)
+def _worst_departure(family: str, carry: bool, clip=None, grown_clip=None) -> float:
+    """Largest relative per-step loss gap between the small model and its clone over the AFTER steps after growth;
+    `clip` clips the small model's gradients, `grown_clip` (default `clip`) the grown model's."""
+    grown_clip = grown_clip or clip
+    model, opt, sched = _trained_small(family, clip)
     big_model = T.AutoModelForCausalLM.from_config(model.config)
     big_model.load_state_dict(model.state_dict())
     big_opt, big_sched = _adamw(big_model)
@@ -72,7 +78,7 @@ def _worst_departure(family: str, carry: bool) -> float:
         g_sched = torch.optim.lr_scheduler.LambdaLR(g_opt, lambda s: _warmup(s + BEFORE))
     worst = 0.0
     for x in _batches(BEFORE + AFTER)[BEFORE:]:
-        small_loss, grown_loss = _step(model, opt, sched, x), _step(g_model, g_opt, g_sched, x)
+        small_loss, grown_loss = _step(model, opt, sched, x, clip), _step(g_model, g_opt, g_sched, x, grown_clip)
         worst = max(worst, abs(grown_loss - small_loss) / abs(small_loss))
     return worst
 
@@ -89,6 +95,43 @@ def test_clone_with_carried_state_continues_the_small_trajectory(family):
 def test_clone_with_a_fresh_optimizer_departs(family):
     # What the carried state buys: today's path (fresh AdamW) leaves the small model's trajectory at once.
     assert _worst_departure(family, carry=False) > 1e-3
+
+
+MAX_NORM = 0.25  # below every gradient norm of these runs (checked below), so every step is clipped
+
+
+def _clip_raw(model, opt) -> None:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    assert norm > MAX_NORM  # the clip is active: the test compares clipped steps
+
+
+def _clip_grown(model, opt) -> None:
+    assert clip_grown_grad_norm_(opt, MAX_NORM) > MAX_NORM
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clipping_after_growth_in_the_small_models_units_continues_the_trajectory(family):
+    assert _worst_departure(family, carry=True, clip=_clip_raw, grown_clip=_clip_grown) <= 1e-5
+
+
+def test_clipping_continues_across_two_growths():
+    # The second growth multiplies the first one's factors on: a clone of a clone still clips like the small model.
+    model, opt, sched = _trained_small("llama-gqa4", _clip_raw)
+    grown = grow_training_state(model, opt, sched, width="2x")
+    small = _trained_small("llama-gqa4", _clip_raw)
+    worst = 0.0
+    for i, x in enumerate(_batches(BEFORE + AFTER)[BEFORE:]):
+        if i == 5:
+            grown = grow_training_state(grown.model, grown.optimizer, grown.scheduler, width="2x")
+        small_loss = _step(*small, x, _clip_raw)
+        grown_loss = _step(grown.model, grown.optimizer, grown.scheduler, x, _clip_grown)
+        worst = max(worst, abs(grown_loss - small_loss) / small_loss)
+    assert grown.model.config.hidden_size == 4 * model.config.hidden_size and worst <= 1e-5
+
+
+def test_clipping_the_grown_models_raw_norm_departs():
+    # Why the clip weighs the gradients: the raw norm of a clone's gradient is not the small model's.
+    assert _worst_departure("llama-gqa4", carry=True, clip=_clip_raw) > 1e-4
 
 
 def test_carried_groups_follow_the_rule():
@@ -142,11 +185,14 @@ def test_every_operator_and_depth_method_gives_a_trainable_state(request_):
         assert not emb["exp_avg"][:, 32:].any() and emb["exp_avg"][:, :32].any()
     if request_.get("method") == "net2net":  # uneven multiplicities: a group lr can only be their mean
         assert "model.layers.0.mlp.down_proj.weight" in grown.uneven
+        down = grown.model.model.layers[0].mlp.down_proj.weight  # the clip's factors stay per entry
+        weight = next(g for g in grown.optimizer.param_groups if g["params"][0] is down)[NORM_WEIGHT]
+        assert torch.is_tensor(weight) and weight.shape == down.shape and weight.min() < weight.max()
     if request_.get("depth_method") == "identity":  # zeroed residual writers: fresh, zero moments, source lr
         o_proj = grown.model.model.layers[1].self_attn.o_proj.weight
         assert not grown.optimizer.state[o_proj]["exp_avg"].any()
     before = {n: p.detach().clone() for n, p in grown.model.named_parameters()}
-    _step(grown.model, grown.optimizer, grown.scheduler, _batches(BEFORE + 1)[BEFORE])
+    _step(grown.model, grown.optimizer, grown.scheduler, _batches(BEFORE + 1)[BEFORE], _clip_grown)
     assert all((p.detach() != before[n]).any() for n, p in grown.model.named_parameters())
 
 

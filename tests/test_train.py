@@ -15,7 +15,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 import growkit
-from cli_util import start_paused
+from cli_util import free_port as _free_port, start_paused  # _free_port: test_grow_loop's too
 from growkit.errors import GrowkitError
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks
 from growkit.train.data import stdlib_files, write_stdlib_corpus
@@ -203,12 +203,3 @@ def test_two_processes_shard_data_and_match_one_process(tmp_path, corpus):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     prov = json.loads((tmp_path / "ddp" / "growkit.json").read_text())
     assert prov["operator"] == "clone" and prov["training"]["steps"] == 6
-
-
-def _free_port() -> int:
-    """A port nobody listens on now, so two suites on one machine do not collide."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

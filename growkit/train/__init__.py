@@ -13,7 +13,7 @@ from typing import Any
 
 from growkit._lazy import lazy_getattr
 
-__all__ = ["train", "fit", "grow_training_state", "mup_param_groups", "TrainConfig", "TrainResult", "TokenBlocks", "evaluate"]
+__all__ = ["train", "fit", "grow_training_state", "clip_grown_grad_norm_", "mup_param_groups", "TrainConfig", "TrainResult", "TokenBlocks", "evaluate"]
 
 _LAZY = {
     "train": "growkit.train.loop",
@@ -23,6 +23,7 @@ _LAZY = {
     "TrainResult": "growkit.train.loop",
     "mup_param_groups": "growkit.train.mup",
     "grow_training_state": "growkit.train.grow_state",
+    "clip_grown_grad_norm_": "growkit.train.grad_clip",
     "TokenBlocks": "growkit.train.blocks",
 }
 

@@ -24,6 +24,11 @@ def train_command(
     mup: Optional[bool] = typer.Option(None, "--mup/--no-mup", help="µP LR groups (default: on when a base is known)."),
     base_width: str = typer.Option("auto", help="µP base hidden size: 'auto' (from growkit.json) or N."),
     mixed_precision: str = typer.Option("no", help="no | bf16 | fp16."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard model, gradients and optimizer state with FSDP2 (each "
+                                                    "decoder layer a unit; needs a multi-process launch)."),
+    deepspeed: Optional[int] = typer.Option(None, "--deepspeed", metavar="STAGE", help="Train with DeepSpeed ZeRO "
+                                            "stage 1, 2 or 3 (config built from these options; multi-process)."),
+    max_grad_norm: float = typer.Option(1.0, help="Clip the gradient norm to this (0: no clipping)."),
     eval_data: Optional[List[Path]] = typer.Option(None, "--eval-data", help="Held-out text/JSONL for evaluation."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: steps/10 with --eval-data)."),
     save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (needed for --resume)."),
@@ -41,6 +46,11 @@ def train_command(
                                       "train only the old or only the new entries until the next growth); e.g. "
                                       "300:width=2x (repeatable). The AdamW state and the schedule carry over."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
+    report_to: str = typer.Option("none", "--report-to", help="Also log the metrics to an experiment tracker: "
+                                  "tensorboard (OUT/runs), wandb, trackio, mlflow, or none (metrics.jsonl/csv only)."),
+    allow_changed_topology: bool = typer.Option(False, "--allow-changed-topology", help="--resume with another "
+                                                "number of processes, global batch or --steps: go on (the run says "
+                                                "how the data stream and LR schedule continue) instead of refusing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Continue training a checkpoint with Accelerate (works under torchrun / accelerate launch), µP LR groups."""
@@ -51,9 +61,11 @@ def train_command(
         train(checkpoint, [*data, *(more_data or [])], out, eval_data=eval_data or None, resume=resume,
               text_field=text_field, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
               grad_accum=grad_accum, warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup,
-              base_width=base_width, mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every,
+              base_width=base_width, mixed_precision=mixed_precision, fsdp=fsdp, deepspeed=deepspeed,
+              max_grad_norm=max_grad_norm or None,
+              eval_every=eval_every, save_every=save_every,
               seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, grow_at=grow_at,
-              quiet=quiet)
+              quiet=quiet, report_to=report_to, allow_changed_topology=allow_changed_topology)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
         raise Interrupted(f"{out}: training interrupted by {str(exc) or 'SIGINT'}; checkpoints saved so far are kept "
                           "(continue with --resume), the final model was not written") from None

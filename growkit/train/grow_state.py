@@ -14,6 +14,9 @@ one tensor (net2net's uneven multiplicities) the group gets the tensor's mean s 
 moments still get each entry's own t, and the tensor is listed in `GrownTraining.uneven`: that continuation is close,
 not exact.
 
+Each grown group also gets the factor by which gradient clipping weighs its squares, so that the clip measures the
+small model's norm (`grad_clip`).
+
 Fresh neurons (copy-pad, fresh draws) and the zeroed residual writers of identity blocks get zero moments, the step
 kept. New layers of depth growth copy a source layer's weights, so they copy its moments too: those are the best
 estimate of the new layer's gradient scale, where zero moments under a late step count would make its first update
@@ -33,6 +36,7 @@ from growkit.errors import GrowkitError
 from growkit.maps import GrowthMaps
 from growkit.pipeline import Growth, growth_of_model, grown_model
 from growkit.train.freeze import Freeze, new_entries, new_layers, trainable_entries
+from growkit.train.grad_clip import NORM_WEIGHT
 
 #: Optimizer state entries scaled like the gradient (t) and like its square (t^2).
 FIRST_MOMENTS = ("exp_avg",)
@@ -53,6 +57,7 @@ class EntryScale:
     s: float  # the tensor's weight scale, for its group's learning rate (the mean where entries differ)
     t_group: float  # the tensor's gradient factor, for its group's eps
     uneven: bool  # entries have different s: the group's lr is only their mean
+    norm_weight: torch.Tensor  # each entry's gradient-norm factor copies * s^2 = 1 / (copies * t^2) (`grad_clip`)
 
 
 @dataclass
@@ -77,12 +82,24 @@ def entry_scale(spec: TensorSpec, layer: int | None, source_shape: torch.Size, s
     copies = torch.bincount(src[live], minlength=source_shape.numel())[src.clamp(min=0)]
     t = torch.where(live, 1.0 / (copies * s), 0.0)
     if not bool(live.any()):
-        return EntryScale(src, t, 1.0, 1.0, False)
+        return EntryScale(src, t, 1.0, 1.0, False, torch.ones(src.shape))
     s_live, t_live = s[live], t[live]
+    weight = copies * s * s
+    weight = torch.where(live, weight, weight[live].mean())  # fresh entries: their tensor's mean (grad_clip)
     uneven = not (bool((s_live == s_live[0]).all()) and bool((t_live == t_live[0]).all()))
     if uneven:
-        return EntryScale(src, t, float(s_live.double().mean()), float(t_live.double().mean()), True)
-    return EntryScale(src, t, float(s_live[0]), float(t_live[0]), False)
+        return EntryScale(src, t, float(s_live.double().mean()), float(t_live.double().mean()), True, weight)
+    return EntryScale(src, t, float(s_live[0]), float(t_live[0]), False, weight)
+
+
+def grown_norm_weight(old: float | torch.Tensor, scale: EntryScale) -> float | torch.Tensor:
+    """The clip factor of a grown tensor: its source's factor (one per source entry, or one for all) times its own,
+    a float where every entry has the same."""
+    if torch.is_tensor(old):
+        old = torch.where(scale.src >= 0, old.reshape(-1).cpu()[scale.src.clamp(min=0)], old.mean())
+    weight = scale.norm_weight * old
+    flat = weight.reshape(-1)
+    return float(flat[0]) if bool((flat == flat[0]).all()) else weight
 
 
 def carry_state(state: dict[str, Any], scale: EntryScale, shape: torch.Size) -> dict[str, Any]:
@@ -167,6 +184,7 @@ def grow_optimizer(model: Any, optimizer: torch.optim.Optimizer, new_model: Any,
         states[param] = carry_state(optimizer.state.get(source, {}), scale, param.shape)
         old_group = optimizer.param_groups[group_of[id(source)]]
         groups.append({**grown_group(optimizer, old_group, scale.s, scale.t_group), "params": [param],
+                       NORM_WEIGHT: grown_norm_weight(old_group.get(NORM_WEIGHT, 1.0), scale),
                        **({"param_names": [name]} if "param_names" in old_group else {})})
         sources.append((group_of[id(source)], scale.s))
     new_optimizer = type(optimizer)(groups)

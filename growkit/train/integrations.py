@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from growkit.train.grad_clip import clip_grown_grad_norm_, has_norm_weights
 from growkit.train.grow_state import GrownTraining, grow_training_state
 
 
@@ -84,6 +85,9 @@ class GrowingTrainerMixin:
         return super().training_step(self.model_wrapped, inputs, num_items_in_batch)  # type: ignore[misc]
 
     def _clip_grad_norm(self, model: Any) -> Any:
+        trainer: Any = self
+        if has_norm_weights(trainer.optimizer):  # grown: clip in the small model's units (grad_clip)
+            return clip_grown_grad_norm_(trainer.optimizer, trainer.args.max_grad_norm, trainer.accelerator)
         return super()._clip_grad_norm(self.model_wrapped)  # type: ignore[misc]
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:

@@ -30,7 +30,12 @@ from growkit.checkpoint.outputs import check_path
 from growkit.errors import GrowkitError
 from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks, resolve_data_paths
-from growkit.train.metrics import MetricsLog, plot_curves
+from growkit.train.grad_clip import clip_grad_norm
+from growkit.train.metrics import MetricsLog, finite_or_none, plot_curves
+from growkit.train.startup import accelerator_error
+from growkit.train.stop_on_any_rank import StopOnAnyRank
+from growkit.train.topology import check_fixed, check_topology
+from growkit.train.trackers import RunTrackers, accelerator_options, group_lrs
 from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -75,6 +80,13 @@ class TrainConfig:
     # Growth points "STEP:SPEC" (growkit.train.grow_loop): model, AdamW state and schedule grown between two steps.
     grow_at: list[str] = field(default_factory=list)
     quiet: bool = False
+    # Experiment tracker for the metrics besides metrics.jsonl (growkit.train.trackers): none, tensorboard, wandb, ...
+    report_to: str = "none"
+    # --resume with another world size, global batch or --steps: go on instead of refusing (growkit.train.topology).
+    allow_changed_topology: bool = False
+    # Engine (growkit.train.engines): FSDP2, or DeepSpeed ZeRO stage 1-3; default plain data parallel.
+    fsdp: bool = False
+    deepspeed: int | None = None
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -87,6 +99,8 @@ class TrainConfig:
             raise GrowkitError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
             raise GrowkitError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise GrowkitError(f"--max-grad-norm must be a number >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup is not None and self.warmup < 0:
             raise GrowkitError(f"--warmup must be >= 0, got {self.warmup}")
         if not 0 <= self.start_step < self.steps:
@@ -94,10 +108,16 @@ class TrainConfig:
         if self.data_start is not None and self.data_start < 0:
             raise GrowkitError(f"--data-start must be >= 0, got {self.data_start}")
         check_seed(self.seed, maximum=2**32 - 1)  # numpy's generator, seeded with the others, takes 32 bits
+        from growkit.train.trackers import check_report_to
+
+        check_report_to(self.report_to)
         if self.grow_at:
             from growkit.train.grow_loop import parse_grow_at
 
             parse_grow_at(self.grow_at)
+        from growkit.train.engines import check_request
+
+        check_request(self)
         for name in ("eval_every", "save_every", "stop_after"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -155,22 +175,13 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """An Accelerator for this process (picks up torchrun / `accelerate launch` environment).
+def make_accelerator(mixed_precision: str = "no", cfg: TrainConfig | None = None, **options: Any):
+    """An Accelerator for this process (picks up torchrun / `accelerate launch` environment) running the engine
+    `cfg` and the launch ask for, or a one-line refusal (growkit.train.engines); `options` go to `Accelerator`
+    (the trackers' `log_with` and `project_dir`)."""
+    from growkit.train.engines import build_accelerator
 
-    Accelerate only treats a multi-process launch without an accelerator device as MULTI_CPU (gloo) when told
-    `cpu=True`; we say so when several processes were launched and no GPU is visible, so plain torchrun works.
-    """
-    from accelerate import Accelerator
-
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    cpu = world > 1 and not torch.cuda.is_available() and not xpu
-    try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-    except (ValueError, RuntimeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GrowkitError(f"--mixed-precision {mixed_precision} is not available here: {msg}") from None
+    return build_accelerator(cfg or TrainConfig(mixed_precision=mixed_precision), **options)
 
 
 @torch.no_grad()
@@ -294,8 +305,10 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     model in HF format. `resume_from` is a checkpoint directory written by an earlier run with the same data.
     """
     cfg.validate()
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg=cfg, **accelerator_options(cfg.report_to, out_dir))
     from accelerate.utils import set_seed
+
+    from growkit.train.engines import align_accumulation, check_prepared, describe_engine
 
     set_seed(cfg.seed)
     is_main = accelerator.is_main_process
@@ -321,11 +334,14 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     data_shift = (cfg.start_step if cfg.data_start is None else cfg.data_start) - cfg.start_step
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(state)
+    align_accumulation(accelerator, K)
     model, optimizer = accelerator.prepare(model, optimizer)
+    check_prepared(accelerator, model, optimizer)
     if resume_from is not None:
         accelerator.load_state(str(Path(resume_from) / STATE_DIR))
         log(f"resumed from {resume_from} at step {state.step}")
 
+    trackers = RunTrackers(accelerator, cfg.report_to, out_dir, {**_jsonable(cfg), **(run_info or {})})
     metrics = MetricsLog(out_dir, state.step if resume_from is not None else None,
                          enabled=is_main and out_dir is not None) if out_dir is not None else None
     sampler = BlockSampler(len(train_blocks), cfg.seed)
@@ -357,7 +373,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             _export_hf(accelerator, model, tmp, tokenizer)
         accelerator.wait_for_everyone()
         if is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "config": _jsonable(cfg)}, indent=2))
+            (tmp / "trainer_state.json").write_text(json.dumps({**asdict(state), "config": _jsonable(cfg),
+                                                                "processes": world}, indent=2))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -372,21 +389,27 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     t_run = time.perf_counter()
     elapsed_before = state.elapsed_s
     tokens_run = 0
+    signals = StopOnAnyRank(accelerator)
     while state.step < stop:
+        signals.check()
         if growth is not None:
             model, optimizer = growth.at(state.step, model, optimizer, scheduler)
+            trackers.log_growths(growth.done)
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(K):
             idx = sampler.micro_batch(state.step + data_shift, micro, rank, world, K, B)
             x = train_blocks.batch(idx).to(accelerator.device)
-            sync = contextlib.nullcontext() if micro == K - 1 else accelerator.no_sync(model)
-            with sync:
-                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss / K
+            # accumulate: no gradient sync before the last micro-step; backward divides by K (DeepSpeed's engine
+            # divides, and steps, itself)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
                 accelerator.backward(loss)
-            step_loss += loss.detach()
-        if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            step_loss += loss.detach() / K
+        # The norm before clipping (max_grad_norm None or 0: an infinite bound, which scales by 1), in the small
+        # model's units after a growth; None under DeepSpeed (its engine clips)
+        grad_norm = clip_grad_norm(accelerator, model, optimizer, cfg.max_grad_norm or math.inf)
         lr_now = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_mult", 1.0)
+        lrs = group_lrs(optimizer.param_groups)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -402,7 +425,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         row = {"step": state.step, "loss": round(loss_val, 6), "eval_loss": None, "lr": lr_now,
                "tokens": state.tokens, "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1),
                "elapsed_s": round(state.elapsed_s, 3),
-               "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4)}
+               "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4),
+               "grad_norm": finite_or_none(grad_norm), "lrs": lrs}
         if eval_blocks is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps):
             last_eval = evaluate(model, eval_blocks, accelerator, B, cfg.eval_blocks)
             if not math.isfinite(last_eval):
@@ -411,6 +435,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         history.append(row)
         if metrics is not None:
             metrics.log(row)
+        trackers.log_step(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                         **({"eval": f"{last_eval:.4f}"} if row["eval_loss"] is not None else {}))
@@ -421,6 +446,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         if on_step is not None and on_step(row):
             break
     bar.close()
+    signals.close()
 
     finished = state.step >= cfg.steps
     tail = run_losses[-20:]
@@ -434,6 +460,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             stop_if_diverged(None)
             summary = {"steps": state.step, "tokens": state.tokens, "train_loss": result.train_loss,
                        "eval_loss": last_eval, "elapsed_s": round(state.elapsed_s, 2), "processes": world,
+                       **describe_engine(accelerator, B, K, T),
                        "mup": use_mup, "config": _jsonable(cfg), **(run_info or {}),
                        **({"growths": growth.done} if growth is not None else {})}
             card = _card_provenance(provenance, summary, run_info)
@@ -442,6 +469,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                 extra["growkit.json"] = card
             _export_final(accelerator, model, out_dir, tokenizer, extra, card)
         accelerator.wait_for_everyone()
+    trackers.finish()
     log(f"done: {state.step} steps, train loss {result.train_loss:.4f}"
         + (f", eval loss {last_eval:.4f}" if last_eval is not None else "")
         + ("; stopped early, resume with --resume" if not finished else ""))
@@ -540,11 +568,7 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
         resume_from = latest_checkpoint(out)
         if resume_from is None:
             raise GrowkitError(f"--resume: no checkpoint in {out} to resume from")
-        saved = json.loads((resume_from / "trainer_state.json").read_text())["config"]
-        for key in ("seq_len", "batch_size", "grad_accum", "seed", "grow_at"):
-            if saved.get(key, [] if key == "grow_at" else None) != getattr(cfg, key):
-                raise GrowkitError(f"--resume: {key} was {saved.get(key)} in {resume_from.name}, now {getattr(cfg, key)}; "
-                                   f"resuming needs the same value")
+        check_fixed(resume_from, cfg)
     elif out.exists() and ((out / "metrics.jsonl").exists() or _checkpoints(out)):
         raise GrowkitError(f"output directory {out} already holds a training run; pass --resume or choose another -o")
     elif out.exists() and not out.is_dir():
@@ -567,9 +591,16 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
         tokenizer = AutoTokenizer.from_pretrained(ckpt)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a user-facing problem with the directory
         raise GrowkitError(f"checkpoint {ckpt}: tokenizer does not load ({type(exc).__name__}: {str(exc)[:120]})") from None
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    if accelerator.num_processes > 1 and accelerator.is_main_process and not cfg.quiet:
-        print(f"growkit train: {accelerator.num_processes} processes ({accelerator.distributed_type})", file=sys.stderr)
+    accelerator = accelerator or make_accelerator(cfg=cfg, **accelerator_options(cfg.report_to, out))
+    if accelerator.is_main_process and not cfg.quiet:
+        from growkit.train.engines import describe_engine, engine_line
+
+        info = describe_engine(accelerator, cfg.batch_size, cfg.grad_accum, cfg.seq_len)
+        print(f"growkit train: {engine_line(info, cfg.batch_size, cfg.grad_accum)}", file=sys.stderr)
+    if resume_from is not None:
+        for note in check_topology(resume_from, cfg, accelerator.num_processes):
+            if accelerator.is_main_process:
+                print(note, file=sys.stderr)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()

@@ -1,5 +1,8 @@
 """Training metrics: one JSON line and one CSV row per logged step, and a loss-curve PNG.
 
+The JSON line also holds `lrs`, the learning rate of each distinct µP multiplier (`{"x1": ..., "x0.5": ...}`); the
+CSV keeps one scalar per column.
+
 Why both: JSONL is easy to load and append; CSV opens in any spreadsheet. On resume, rows past the resumed step
 are dropped first so the files never hold two histories.
 """
@@ -10,9 +13,18 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
-COLUMNS = ("step", "loss", "eval_loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "epoch")
+COLUMNS = ("step", "loss", "eval_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "epoch")
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A metric as a JSON number: None when absent or not finite (an fp16 step whose scaled gradients overflowed
+    has an infinite norm and is skipped; JSON has no Inf)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def read_jsonl(path: Path) -> list[dict]:
