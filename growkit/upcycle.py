@@ -1,0 +1,228 @@
+"""`growkit.upcycle`: a dense Llama-family checkpoint -> a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, streamed.
+
+The source is read and checked as `grow` reads it (an identity growth plan: every tensor, shape and config field);
+attention, norms and embeddings are copied, each FFN tensor becomes its experts' slices (`growkit.apply_moe`), and
+the output goes through the same output checks, streamed writer and atomic rename as `grow`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from growkit import __version__
+from growkit.apply_moe import expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
+from growkit.arch.moe import DENSE_PROJECTIONS, dense_projection, moe_config
+from growkit.arch.spec import parameter_count
+from growkit.arch.validate import config_problem
+from growkit.checkpoint.outputs import check_output
+from growkit.checkpoint.reader import Checkpoint, load_checkpoint
+from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size
+from growkit.errors import GrowkitError
+from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest, plan_upcycle
+from growkit.pipeline import (
+    Growth, all_finite, check_seed, clean_temporaries, input_paths, parse_dtype, plan_growth,
+    write_weights_and_config,
+)
+from growkit.resources import check_disk, check_memory
+from growkit.verify import verify_growth
+
+
+@dataclass
+class Upcycling:
+    """Everything decided before the first weight is read."""
+
+    growth: Growth  # the dense source read and checked as an identity growth
+    plan: UpcyclePlan
+    config: dict[str, Any]
+    router_std: float
+    seed: int
+
+    def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, str, Any]]:
+        """Output tensors in write order, each with what makes it: ("copy", spec), ("expert", (spec, e)),
+        ("shared", spec), ("router", None) or ("shared_gate", None)."""
+        plan, source = self.plan, self.plan.source
+        layout, hidden = plan.layout, source.hidden
+        out: list[tuple[TensorEntry, str, Any]] = []
+        sizes = self.growth.source_axis_sizes()
+
+        def shape(spec: Any, ffn: int) -> tuple[int, ...]:
+            return tuple(math.prod(ffn if a == "ffn" else sizes[a] for a in d.axes) for d in spec.dims)
+
+        for layer in [None, *range(source.layers)]:
+            ffn_specs = []
+            for spec in self.growth.specs:
+                if spec.per_layer != (layer is not None):
+                    continue
+                if dense_projection(spec.name) is not None:
+                    ffn_specs.append(spec)
+                    continue
+                out.append((TensorEntry(spec.at(layer), shape(spec, source.ffn), dtype), "copy", (spec, layer)))
+            if layer is None:
+                continue
+            out.append((TensorEntry(layout.router().format(layer), (plan.request.experts, hidden), dtype), "router",
+                        layer))
+            for e in range(plan.request.experts):
+                for spec in ffn_specs:
+                    name = layout.expert(e, dense_projection(spec.name) or "").format(layer)
+                    out.append((TensorEntry(name, shape(spec, plan.expert_ffn), dtype), "expert", (spec, layer, e)))
+            if layout.shared:
+                for spec in ffn_specs:
+                    name = layout.shared_expert(dense_projection(spec.name) or "").format(layer)
+                    out.append((TensorEntry(name, shape(spec, plan.shared_ffn), dtype), "shared", (spec, layer)))
+                out.append((TensorEntry(layout.shared_gate().format(layer), (1, hidden), dtype), "shared_gate", layer))
+        return out
+
+    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[TensorEntry, torch.Tensor]]:
+        """Each output tensor in write order, computed in fp32 from its one dense source tensor."""
+        ckpt, sizes = self.growth.ckpt, self.growth.source_axis_sizes()
+        checked: set[str] = set()
+        for entry, kind, what in self.entries(dtype):
+            if kind in ("router", "shared_gate"):
+                y = router_tensor(self.plan, what, self.router_std, self.seed) if kind == "router" else (
+                    shared_gate_tensor(self.plan))
+                yield entry, y.to(dtype)
+                continue
+            spec, layer = what[0], what[1]
+            name = spec.at(layer)
+            x = ckpt.get(name).to(torch.float32)
+            if name not in checked:
+                if not all_finite(x):
+                    raise GrowkitError(f"{ckpt.source}: tensor {name} contains NaN or Inf")
+                checked.add(name)
+            if kind == "copy":
+                y = x
+            elif kind == "expert":
+                y = expert_tensor(x, spec, layer, self.plan, what[2], sizes, self.seed)
+            else:
+                y = shared_tensor(x, spec, layer, self.plan, sizes, self.seed)
+            out = y.to(dtype)
+            if not all_finite(out):
+                raise GrowkitError(f"{ckpt.source}: output tensor {entry.name} would not be finite in "
+                                   f"{str(dtype).removeprefix('torch.')}; nothing was written")
+            yield entry, out
+
+    def parameters(self) -> dict[str, int]:
+        """Total and active (per token: K routed experts, the shared expert, the router) parameter counts."""
+        entries = self.entries(torch.float32)
+        total = sum(math.prod(e.shape) for e, _, _ in entries)
+        idle = self.plan.request.experts - self.plan.request.top_k
+        per_expert = len(DENSE_PROJECTIONS) * self.plan.source.hidden * self.plan.expert_ffn
+        return {"total": total, "active": total - idle * per_expert * self.plan.source.layers,
+                "dense": parameter_count(self.growth.specs, self.growth.plan.source)}
+
+
+def plan_upcycling(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0) -> Upcycling:
+    """Check the source and the request and decide everything; reads headers only."""
+    check_seed(seed)
+    growth = plan_growth(ckpt)  # every check `grow` makes of a source, with nothing to grow
+    config = ckpt.config
+    try:
+        plan = plan_upcycle(ckpt.model_type, growth.plan.source, request)
+    except GrowkitError as exc:
+        raise GrowkitError(f"{ckpt.source}: {exc}") from None
+    if config.get("mlp_bias"):
+        raise GrowkitError(f"{ckpt.source}: the FFN has biases (mlp_bias), which {plan.layout.model_type} experts "
+                           "do not have")
+    if plan.layout.model_type == "mixtral" and config.get("attention_bias"):
+        raise GrowkitError(f"{ckpt.source}: attention has biases (attention_bias), which mixtral does not have")
+    new_config = moe_config(config, plan.layout, experts=request.experts, top_k=request.top_k,
+                            expert_ffn=plan.expert_ffn, shared_ffn=plan.shared_ffn,
+                            normalise_topk=request.normalise_topk)
+    problem = config_problem(growth.family, new_config)
+    if problem is not None:
+        raise GrowkitError(f"{ckpt.source}: the {plan.layout.model_type} config would not load: {problem}")
+    std = request.router_std if request.router_std is not None else float(config.get("initializer_range") or 0.02)
+    return Upcycling(growth=growth, plan=plan, config=new_config, router_std=std, seed=seed)
+
+
+def _provenance(up: Upcycling, src: Path, command: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    plan, ckpt = up.plan, up.growth.ckpt
+    request = {k: v for k, v in asdict(plan.request).items()}
+    request["to"] = plan.layout.model_type
+    return {
+        "growkit_version": __version__,
+        "kind": "upcycle",
+        "source": {"path": str(src), "model_type": ckpt.model_type, "config": ckpt.config,
+                   "config_inferred": ckpt.config_inferred, **ckpt.origin()},
+        "target": {"model_type": plan.layout.model_type, "experts": plan.request.experts, "top_k": plan.request.top_k,
+                   "expert_ffn": plan.expert_ffn, "shared_ffn": plan.shared_ffn, "copies": plan.copies,
+                   "routed_slices": plan.routed_slices},
+        "options": {**request, "router_std": up.router_std, "seed": up.seed,
+                    "dtype": str(dtype).removeprefix("torch.")},
+        "parameters": up.parameters(),
+        "exact_at_step_0": plan.exact,
+        "not_exact_because": plan.notes,
+        "command": command or "python api",
+        "verification": None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclass
+class UpcycleResult:
+    out_dir: Path
+    provenance: dict[str, Any]
+
+
+def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top_k: int = 2, to: str | None = None,
+            granularity: int = 1, shared_experts: int = 0, router: str = "random", router_std: float | None = None,
+            expert_noise: float | None = None, reinit_ratio: float = 0.0, norm_topk_prob: bool = True,
+            seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
+            overwrite: bool = False, quiet: bool = False, config: str | Path | Mapping[str, Any] | None = None,
+            verify: bool = False, allow_pickle: bool = False, command: str | None = None) -> UpcycleResult:
+    """Upcycle the dense checkpoint at `src` into a mixture-of-experts checkpoint directory `out` (streamed, atomic).
+
+    `expert_noise` is a signal-to-noise ratio in dB, as `grow`'s `noise_snr_db`; see `growkit.operators.upcycle`
+    for when the result computes exactly what the dense model did.
+    """
+    src = Path(src)
+    shard_bytes = parse_size(max_shard_size)
+    check_seed(seed)
+    asked_dtype = parse_dtype(dtype)
+    request = UpcycleRequest(experts=experts, top_k=top_k, to=to, granularity=granularity,
+                             shared_experts=shared_experts, router=router, router_std=router_std,
+                             expert_noise_db=expert_noise, reinit_ratio=reinit_ratio, normalise_topk=norm_topk_prob)
+    out = Path(out) if out is not None else src.parent / f"{src.stem if src.is_file() else src.resolve().name}-moe"
+    check_output(out, input_paths(src, config, None), overwrite)
+    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
+    up = plan_upcycling(ckpt, request, seed)
+    out_dtype = asked_dtype or ckpt.storage_dtype()
+    for note in up.plan.notes:
+        print(f"growkit: note: not exact at step 0: {note}", file=sys.stderr)
+    provenance = _provenance(up, src, command, out_dtype)
+    new_config = dict(up.config)
+    new_config["dtype"] = str(out_dtype).removeprefix("torch.")
+    new_config.pop("torch_dtype", None)
+    metadata = {"format": "pt", "config": json.dumps(new_config, sort_keys=True),
+                "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "kind", "target", "options")})}
+    clean_temporaries(out)
+    entries = [e for e, _, _ in up.entries(out_dtype)]
+    with CheckpointWriter(out, entries, shard_bytes, metadata, overwrite=overwrite) as writer:
+        _check_fits(up, out, entries, verify)
+        write_weights_and_config(writer, up.tensors(out_dtype), new_config, ckpt)
+        if verify:
+            provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
+        writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
+        out_dir = writer.commit()
+    return UpcycleResult(out_dir=out_dir, provenance=provenance)
+
+
+def _check_fits(up: Upcycling, out: Path, entries: list[TensorEntry], verify: bool) -> None:
+    """Refuse, before the first tensor, an output the disk cannot hold or a tensor memory cannot hold (the dense
+    tensor and one output tensor in fp32); `verify` holds both whole models."""
+    params = up.parameters()
+    check_disk(out, sum(e.nbytes for e in entries), f"the output ({params['total']:,} parameters)")
+    largest = max(math.prod(e.shape) for e in entries)
+    check_memory(up.growth.ckpt.source, 2 * largest * 4, "upcycling one tensor")
+    if verify:
+        check_memory(up.growth.ckpt.source, (params["total"] + params["dense"]) * 4,
+                     "--verify (dense and MoE models in fp32)")

@@ -1,0 +1,213 @@
+"""Sparse upcycling: dense Llama / Mistral / Qwen2 / Qwen3 -> Mixtral / Qwen2-MoE / Qwen3-MoE.
+
+Every exact case loads with transformers' AutoModelForCausalLM (no missing or unexpected keys) and computes the dense
+model's logits to max |dlogits| <= 1e-5 x max |logit|; the cases the plan calls inexact say so and are measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from cli_util import assert_nothing_written, error_line, run_cli_batch, snapshot
+from transformers import AutoModelForCausalLM
+
+from conftest import randomize, save_tiny, tiny_config
+from growkit.checkpoint.reader import load_checkpoint
+from growkit.errors import GrowkitError
+from growkit.upcycle import upcycle
+from growkit.verify import compare, load_grown, model_from_checkpoint, random_tokens
+
+TOL = 1e-5
+
+
+def _gap(src: Path, out: Path) -> tuple[float, dict[str, list[str]], torch.nn.Module]:
+    dense = model_from_checkpoint(load_checkpoint(src))
+    moe, info = load_grown(out)
+    c = compare(dense, moe, random_tokens(101, seed=1, length=32))
+    return c["max_abs_dlogits"] / c["max_abs_logit"], info, moe
+
+
+EXACT = [
+    ("llama-gqa4", dict(experts=4, top_k=2)),
+    ("llama-tied", dict(experts=4, top_k=2, granularity=2)),
+    ("mistral", dict(experts=8, top_k=4, granularity=4)),
+    ("qwen2", dict(experts=4, top_k=2)),
+    ("qwen2", dict(experts=4, top_k=2, granularity=4, shared_experts=2)),
+    ("qwen2", dict(experts=4, top_k=2, router="zero", norm_topk_prob=False)),
+    ("qwen3", dict(experts=4, top_k=1)),
+    ("qwen3-tied", dict(experts=3, top_k=2, router="zero")),
+    ("llama-gqa4", dict(experts=4, top_k=4, router="zero", expert_noise=20.0)),
+]
+
+
+@pytest.mark.parametrize("name,options", EXACT, ids=[f"{n}-{'-'.join(f'{k}{v}' for k, v in o.items())}"
+                                                      for n, o in EXACT])
+def test_upcycle_is_exact_at_step_0(tmp_path: Path, name: str, options: dict) -> None:
+    src = save_tiny(name, tmp_path / "dense")
+    result = upcycle(src, tmp_path / "moe", quiet=True, **options)
+    assert result.provenance["exact_at_step_0"], result.provenance["not_exact_because"]
+    rel, info, moe = _gap(src, result.out_dir)
+    assert info == {"missing_keys": [], "unexpected_keys": []}
+    assert rel <= TOL, rel
+    target = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}[
+        name.split("-")[0]]
+    assert moe.config.model_type == target
+    experts = moe.config.num_local_experts if target == "mixtral" else moe.config.num_experts
+    assert (experts, moe.config.num_experts_per_tok) == (options["experts"], options["top_k"])
+
+
+def test_output_uses_the_per_expert_layout(tmp_path: Path) -> None:
+    """The published checkpoints' names (older transformers, vLLM and llama.cpp's converter read only these), the
+    dense FFN's slices in each expert, and a random router whose rows repeat within each copy (virtual groups)."""
+    src = save_tiny("llama-gqa4", tmp_path / "dense")
+    out = upcycle(src, tmp_path / "moe", experts=4, top_k=2, granularity=2, quiet=True).out_dir
+    with safe_open(src / "model.safetensors", "pt") as f:
+        gate, down = f.get_tensor("model.layers.1.mlp.gate_proj.weight"), f.get_tensor("model.layers.1.mlp.down_proj.weight")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        p = "model.layers.1.block_sparse_moe."
+        assert {f"{p}experts.{e}.{w}.weight" for e in range(4) for w in ("w1", "w2", "w3")} <= names
+        assert not any(".mlp." in n for n in names)
+        half = gate.shape[0] // 2
+        assert torch.equal(f.get_tensor(f"{p}experts.3.w1.weight"), gate[half:])
+        assert torch.equal(f.get_tensor(f"{p}experts.2.w2.weight"), 2 * down[:, :half])
+        router = f.get_tensor(f"{p}gate.weight")
+    assert torch.equal(router[0], router[1]) and torch.equal(router[2], router[3])
+    assert not torch.equal(router[0], router[2])
+    provenance = json.loads((out / "growkit.json").read_text())
+    assert provenance["kind"] == "upcycle" and provenance["target"]["expert_ffn"] == half
+
+
+def _routing(moe: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    out = moe(input_ids=tokens, output_router_logits=True)
+    return torch.cat([logits.topk(moe.config.num_experts_per_tok, dim=-1).indices for logits in out.router_logits])
+
+
+def test_router_inits_route_as_documented(tmp_path: Path) -> None:
+    """random: tokens spread over the experts from step 0; zero: every token takes the same experts."""
+    src = save_tiny("qwen3", tmp_path / "dense")
+    tokens = random_tokens(101, seed=2, length=32)
+    picked = {}
+    for router in ("random", "zero"):
+        out = upcycle(src, tmp_path / router, experts=8, top_k=2, router=router, quiet=True).out_dir
+        moe, _ = load_grown(out)
+        with torch.no_grad():
+            picked[router] = _routing(moe, tokens)
+    assert len(picked["random"].unique()) == 8
+    assert len(picked["zero"].unique(dim=0)) == 1
+
+
+def test_inexact_options_are_announced_and_measured(tmp_path: Path) -> None:
+    """Unnormalised top-k with a random router, expert noise under top-2 routing and Drop-Upcycling change the
+    function: the plan says so (growkit.json) and the change is real, not a rounding error."""
+    src = save_tiny("qwen2", tmp_path / "dense")
+    cases = {"unnormalised": dict(norm_topk_prob=False), "noise": dict(expert_noise=20.0),
+             "reinit": dict(reinit_ratio=0.5)}
+    for label, options in cases.items():
+        result = upcycle(src, tmp_path / label, experts=4, top_k=2, quiet=True, **options)
+        assert not result.provenance["exact_at_step_0"]
+        assert result.provenance["not_exact_because"]
+        rel, info, _ = _gap(src, result.out_dir)
+        assert info == {"missing_keys": [], "unexpected_keys": []}
+        assert rel > 100 * TOL, (label, rel)
+
+
+def test_expert_noise_cancels_over_copies(tmp_path: Path) -> None:
+    """Each copy's down_proj gets noise, and the copies' noise sums to zero, slice by slice."""
+    src = save_tiny("qwen3", tmp_path / "dense")
+    out = upcycle(src, tmp_path / "moe", experts=6, top_k=2, granularity=2, expert_noise=10.0, quiet=True).out_dir
+    with safe_open(src / "model.safetensors", "pt") as f:
+        down = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    half = down.shape[1] // 2
+    with safe_open(out / "model.safetensors", "pt") as f:
+        experts = [f.get_tensor(f"model.layers.0.mlp.experts.{e}.down_proj.weight") for e in range(6)]
+    for piece in range(2):
+        copies = experts[piece::2]
+        dense = 2 * down[:, piece * half:(piece + 1) * half]
+        assert all(not torch.allclose(c, dense) for c in copies)
+        torch.testing.assert_close(sum(copies) / 3, dense, rtol=0, atol=1e-6)
+
+
+def test_reinit_ratio_redraws_that_share_of_neurons(tmp_path: Path) -> None:
+    src = save_tiny("llama-gqa4", tmp_path / "dense")
+    out = upcycle(src, tmp_path / "moe", experts=4, top_k=2, reinit_ratio=0.25, quiet=True).out_dir
+    with safe_open(src / "model.safetensors", "pt") as f:
+        up = f.get_tensor("model.layers.0.mlp.up_proj.weight")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        rows = [(f.get_tensor(f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight") != up).any(dim=1)
+                for e in range(4)]
+    assert all(int(r.sum()) == round(0.25 * up.shape[0]) for r in rows)
+    assert len({tuple(r.tolist()) for r in rows}) > 1  # a different subset per expert
+
+
+BAD = [
+    ("llama-gqa4", dict(experts=4, top_k=5), ["--top-k 5", "--experts 4"]),
+    ("llama-gqa4", dict(experts=4, granularity=5), ["--granularity 5", "48"]),
+    ("llama-gqa4", dict(experts=4, granularity=2, shared_experts=1), ["--shared-experts", "mixtral has no shared"]),
+    ("llama-gqa4", dict(experts=4, granularity=2, top_k=3), ["--top-k 3", "whole copies"]),
+    ("llama-gqa4", dict(experts=4, granularity=2, router="zero"), ["--router zero", "by index"]),
+    ("llama-gqa4", dict(experts=4, to="qwen2_moe"), ["--to qwen2_moe", "mixtral"]),
+    ("qwen2", dict(experts=3, granularity=2), ["--experts 3", "multiple"]),
+    ("llama-gqa4", dict(experts=4, norm_topk_prob=False), ["mixtral always renormalises"]),
+    ("llama-gqa4", dict(experts=1, top_k=1, expert_noise=10.0), ["--expert-noise", "two copies"]),
+    ("gpt2", dict(experts=4), ["cannot upcycle a gpt2 model"]),
+]
+
+
+@pytest.mark.parametrize("name,options,fragments", BAD, ids=[f"{n}-{'-'.join(map(str, o.values()))}"
+                                                             for n, o, _ in BAD])
+def test_impossible_requests_are_refused_before_writing(tmp_path: Path, name: str, options: dict,
+                                                        fragments: list[str]) -> None:
+    src = save_tiny(name, tmp_path / "dense")
+    out = tmp_path / "moe"
+    with pytest.raises(GrowkitError) as info:
+        upcycle(src, out, quiet=True, **options)
+    message = str(info.value)
+    assert message.startswith(str(src)), message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert_nothing_written(out)
+
+
+def test_ffn_biases_are_refused(tmp_path: Path) -> None:
+    """Experts have no biases in any target family: a dense FFN with them cannot be upcycled exactly."""
+    config = tiny_config("llama-gqa4")
+    config.mlp_bias = True
+    src = tmp_path / "dense"
+    randomize(AutoModelForCausalLM.from_config(config)).save_pretrained(src)
+    with pytest.raises(GrowkitError, match="the FFN has biases"):
+        upcycle(src, tmp_path / "moe", experts=4, quiet=True)
+    assert_nothing_written(tmp_path / "moe")
+
+
+def test_cli_upcycles_and_refuses_in_one_line(tmp_path: Path) -> None:
+    """The real CLI: exit 2 with one line and nothing written for a bad request or an occupied output; a good run
+    prints what it wrote and, with --verify, transformers' own check."""
+    llama = save_tiny("llama-gqa4", tmp_path / "llama")
+    qwen2 = save_tiny("qwen2", tmp_path / "qwen2")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep")
+    before = snapshot(existing)
+    o, good = tmp_path / "out", tmp_path / "good"
+    runs = run_cli_batch([
+        ["upcycle", llama, "-o", o, "--experts", "4", "--granularity", "2", "--top-k", "3"],
+        ["upcycle", llama, "-o", existing, "--experts", "4"],
+        ["upcycle", qwen2, "-o", good, "--experts", "4", "--granularity", "2", "--shared-experts", "1", "--verify"],
+    ])
+    error_line(runs[0].returncode, runs[0].stderr, llama, "--top-k 3", "whole copies")
+    error_line(runs[1].returncode, runs[1].stderr, existing, "already exists")
+    assert [r.returncode for r in runs[:2]] == [2, 2]
+    assert_nothing_written(o)
+    assert snapshot(existing) == before
+    ok = runs[2]
+    assert ok.returncode == 0, ok.stderr
+    assert "qwen2_moe, 4 experts" in ok.stdout and "exact at step 0: yes" in ok.stdout
+    assert "no missing or unexpected keys" in ok.stdout
+    verification = json.loads((good / "growkit.json").read_text())["verification"]
+    assert verification["max_abs_dlogits"] <= TOL * verification["max_abs_logit"]
