@@ -57,7 +57,7 @@ class Growth:
     def source_axis_sizes(self) -> dict[str, int]:
         """Size of one instance of every axis kind in the source model (what `apply_tensor` reshapes by)."""
         return {a: self.plan.source.axis(a) for a in ("hidden", "ffn", "kv_heads", "qgroup", "head_dim", "qkv",
-                                                      "vocab", "positions")}
+                                                      "vocab", "positions", *self.plan.source.extra_axes)}
 
     def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, TensorSpec, int | None]]:
         """Output tensors in write order: globals, then layer by layer, with their specs and new layer index."""

@@ -199,6 +199,9 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
     for note in up.plan.notes:
         print(f"growkit: note: not exact at step 0: {note}", file=sys.stderr)
     provenance = _provenance(up, src, command, out_dtype)
+    if (kernel := grouped_mm_note(up.plan.expert_ffn, out_dtype)) is not None:
+        print(f"growkit: note: {kernel}", file=sys.stderr)
+        provenance["notes"] = [kernel]
     new_config = dict(up.config)
     new_config["dtype"] = str(out_dtype).removeprefix("torch.")
     new_config.pop("torch_dtype", None)
@@ -214,6 +217,17 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
         writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
         out_dir = writer.commit()
     return UpcycleResult(out_dir=out_dir, provenance=provenance)
+
+
+def grouped_mm_note(expert_ffn: int, dtype: torch.dtype) -> str | None:
+    """transformers 5's default expert kernel on CPU (`grouped_mm`) refuses expert rows whose byte length is not a
+    multiple of 16 ("strides should be multiple of 16 bytes"): such a model loads but does not run until it is loaded
+    with `experts_implementation="eager"`. Said, not refused: the checkpoint itself is right."""
+    if expert_ffn * dtype.itemsize % 16 == 0:
+        return None
+    return (f"experts of {expert_ffn} neurons in {str(dtype).removeprefix('torch.')} are not a multiple of 16 bytes: "
+            "transformers' default grouped_mm expert kernel refuses them; load the model with "
+            "experts_implementation=\"eager\"")
 
 
 def _check_fits(up: Upcycling, out: Path, entries: list[TensorEntry], verify: bool) -> None:

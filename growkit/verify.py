@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from growkit.arch.moe import fused_experts
 from growkit.arch.registry import family_for
 from growkit.checkpoint.files import tokenizer_files
 from growkit.checkpoint.reader import Checkpoint
@@ -65,7 +66,8 @@ def model_with_weights(config: Mapping[str, Any],
     """A fp32 `transformers` model of `config` holding `state` (a mapping or (name, tensor) pairs, consumed one
     at a time), with the weights it lacks (a tied head excepted) and the names it does not know."""
     model = empty_model(config)
-    missing, unexpected = fill_model(model, state.items() if isinstance(state, Mapping) else state, tied)
+    pairs = fused_experts(dict(config), iter(state.items() if isinstance(state, Mapping) else state))
+    missing, unexpected = fill_model(model, pairs, tied)
     return model, missing, unexpected
 
 

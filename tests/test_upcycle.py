@@ -14,11 +14,12 @@ import torch
 from safetensors import safe_open
 
 from cli_util import assert_nothing_written, error_line, run_cli_batch, snapshot
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from conftest import randomize, save_tiny, tiny_config
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
+from growkit.pipeline import grow
 from growkit.upcycle import upcycle
 from growkit.verify import compare, load_grown, model_from_checkpoint, random_tokens
 
@@ -117,6 +118,21 @@ def test_inexact_options_are_announced_and_measured(tmp_path: Path) -> None:
         assert rel > 100 * TOL, (label, rel)
 
 
+def test_expert_rows_the_default_kernel_refuses_are_announced(tmp_path: Path) -> None:
+    """Experts of 3 neurons (12 bytes a row in fp32): transformers' default grouped_mm kernel refuses them, which
+    growkit says; loaded with the eager kernel the model is exact."""
+    src = save_tiny("llama-gqa4", tmp_path / "dense")
+    result = upcycle(src, tmp_path / "moe", experts=16, top_k=16, granularity=16, quiet=True)
+    assert "grouped_mm" in result.provenance["notes"][0]
+    dense = model_from_checkpoint(load_checkpoint(src))
+    moe = AutoModelForCausalLM.from_pretrained(result.out_dir, experts_implementation="eager")
+    c = compare(dense, moe, random_tokens(101, seed=1, length=32))
+    assert c["max_abs_dlogits"] <= TOL * c["max_abs_logit"]
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        grown, _ = load_grown(result.out_dir)
+        compare(dense, grown, random_tokens(101, seed=1, length=32))
+
+
 def test_expert_noise_cancels_over_copies(tmp_path: Path) -> None:
     """Each copy's down_proj gets noise, and the copies' noise sums to zero, slice by slice."""
     src = save_tiny("qwen3", tmp_path / "dense")
@@ -211,3 +227,61 @@ def test_cli_upcycles_and_refuses_in_one_line(tmp_path: Path) -> None:
     assert "no missing or unexpected keys" in ok.stdout
     verification = json.loads((good / "growkit.json").read_text())["verification"]
     assert verification["max_abs_dlogits"] <= TOL * verification["max_abs_logit"]
+
+
+# --- MoE checkpoints as sources -------------------------------------------------------------------------------
+
+_COMMON = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=64)
+MOE = {
+    "mixtral": lambda: MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **_COMMON),
+    "qwen2_moe": lambda: Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=12,
+                                        shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                        **_COMMON),
+    # a shared expert that is not a whole number of experts stays as it is; raw top-k weights
+    "qwen2_moe-odd": lambda: Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=12,
+                                            shared_expert_intermediate_size=20, num_experts=4, num_experts_per_tok=2,
+                                            norm_topk_prob=False, **_COMMON),
+    "qwen3_moe-tied": lambda: Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=12, num_experts=4,
+                                             num_experts_per_tok=2, head_dim=8, norm_topk_prob=True,
+                                             tie_word_embeddings=True, **_COMMON),
+}
+GROWTHS = {"clone-2x": dict(width="2x"), "identity-depth": dict(layers="2x", depth_method="identity"),
+           "net2net": dict(hidden=48, ffn=32, method="net2net")}
+
+
+def _save_moe(name: str, path: Path) -> Path:
+    torch.manual_seed(0)
+    randomize(AutoModelForCausalLM.from_config(MOE[name]())).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_moe_sources_grow_exactly(tmp_path: Path, name: str) -> None:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE as saved by transformers (the per-expert layout): clone 2x in width (hidden,
+    heads and the ffn inside every expert, and the shared expert's blocks), identity depth and net2net at uneven
+    ratios all compute the source's logits; both sides are loaded by transformers itself."""
+    src = _save_moe(name, tmp_path / "src")
+    source, _ = load_grown(src)
+    tokens = random_tokens(101, seed=3, length=32)
+    for label, options in GROWTHS.items():
+        result = grow(src, tmp_path / label, quiet=True, **options)
+        grown, info = load_grown(result.out_dir)
+        assert info == {"missing_keys": [], "unexpected_keys": []}, label
+        c = compare(source, grown, tokens)
+        assert c["max_abs_dlogits"] <= TOL * c["max_abs_logit"], (label, c)
+        sizes = {k: new for k, _, new in result.plan.rows()}
+        assert sizes["experts"] == 4
+        if label == "clone-2x":
+            assert grown.config.hidden_size == 64 and sizes["ffn"] == 2 * source.config.to_dict().get(
+                "moe_intermediate_size", source.config.intermediate_size)
+        with safe_open(result.out_dir / "model.safetensors", "pt") as f:
+            assert any(".experts.3." in n for n in f.keys())  # written in the per-expert layout again
+
+
+def test_moe_verify_reads_the_per_expert_layout(tmp_path: Path) -> None:
+    """`grow --verify` builds the source model from per-expert tensors (fused the way transformers 5 holds them)."""
+    src = _save_moe("qwen2_moe", tmp_path / "src")
+    v = grow(src, tmp_path / "out", width="2x", quiet=True, verify=True).provenance["verification"]
+    assert v["missing_keys"] == [] and v["unexpected_keys"] == []
+    assert v["max_abs_dlogits"] <= TOL * v["max_abs_logit"]

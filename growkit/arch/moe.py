@@ -9,8 +9,16 @@ vLLM and llama.cpp's converter read only this layout.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+import torch
+
+from growkit.arch.llama import LlamaFamily
+from growkit.arch.spec import FFN, HIDDEN, Dim, Sizes, TensorSpec
+from growkit.errors import GrowkitError
 
 #: A SwiGLU FFN's three projections as the dense Llama family names them, in the order gate, up, down.
 DENSE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -94,3 +102,139 @@ def moe_config(dense: dict[str, Any], layout: MoeLayout, *, experts: int, top_k:
         config["qkv_bias"] = True  # Qwen2's q/k/v always carry a bias; Qwen2-MoE makes it a switch
         config.pop("attention_bias", None)
     return config
+
+
+# --- MoE checkpoints as sources: the family growkit grows -------------------------------------------------------
+
+#: Routed experts of a layer: the router's rows; never resized by `grow` (a map on it would have to say which
+#: expert each new one copies, which is a choice of tensors, not of positions inside one).
+EXPERTS = "experts"
+#: Qwen2-MoE's shared expert held as blocks of one routed expert's size: (shared_blocks x ffn), so growing `ffn`
+#: grows the shared expert alike, block by block.
+SHARED_BLOCKS = "shared_blocks"
+#: A shared expert whose size is not a whole number of expert sizes: kept as it is.
+SHARED_FFN = "shared_ffn"
+
+
+@dataclass(frozen=True)
+class MoeSizes(Sizes):
+    """A MoE model's sizes: `ffn` is one routed expert's; `shared_blocks` or `shared_fixed` sizes the shared expert."""
+
+    experts: int = 1
+    shared_blocks: int = 0
+    shared_fixed: int = 0
+
+    extra_axes: ClassVar[tuple[str, ...]] = (EXPERTS, SHARED_BLOCKS, SHARED_FFN)
+
+    def axis(self, kind: str) -> int:
+        extra = {EXPERTS: self.experts, SHARED_BLOCKS: self.shared_blocks, SHARED_FFN: self.shared_fixed}
+        return extra[kind] if kind in extra else super().axis(kind)
+
+    @property
+    def shared_ffn(self) -> int:
+        return self.shared_blocks * self.ffn or self.shared_fixed
+
+    def as_dict(self) -> dict[str, int]:
+        shared = {"shared_ffn": self.shared_ffn} if self.shared_ffn else {}
+        return {**super().as_dict(), "experts": self.experts, **shared}
+
+
+#: model_type of the dense sibling whose attention, norms and embeddings a MoE family has
+_ATTENTION_OF = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+
+
+class MoeFamily(LlamaFamily):
+    """Mixtral, Qwen2-MoE, Qwen3-MoE read in the per-expert layout: the Llama family's tensors with each FFN replaced
+    by a router, E experts on the `ffn` axis (one routed expert's size) and the shared expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.model_types = "moe", tuple(LAYOUTS)
+
+    @staticmethod
+    def experts(config: dict[str, Any]) -> int:
+        layout = LAYOUTS[config["model_type"]]
+        # transformers 5 writes Qwen3-MoE's count as num_local_experts; the published configs say num_experts
+        return int(config.get(layout.experts_key) or config["num_local_experts"])
+
+    def _dense_view(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The config as its dense sibling's, so the Llama family's attention and norms apply unchanged."""
+        layout = LAYOUTS[config["model_type"]]
+        if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step") or 1) != 1:
+            raise GrowkitError("config: some layers are dense (mlp_only_layers / decoder_sparse_step); growkit reads "
+                               "MoE models whose every layer is sparse")
+        dense = dict(config, model_type=_ATTENTION_OF[layout.model_type], intermediate_size=config[layout.ffn_key])
+        if layout.model_type == "qwen2_moe" and not config.get("qkv_bias", True):
+            dense.update(model_type="llama", attention_bias=False)
+        return dense
+
+    def sizes(self, config: dict[str, Any]) -> Sizes:
+        base = super().sizes(self._dense_view(config))
+        shared = int(config.get("shared_expert_intermediate_size") or 0) if LAYOUTS[config["model_type"]].shared else 0
+        whole = shared % base.ffn == 0
+        return MoeSizes(**{f: getattr(base, f) for f in ("hidden", "ffn", "heads", "kv_heads", "layers", "head_dim",
+                                                           "vocab", "positions")},
+                        experts=self.experts(config), shared_blocks=shared // base.ffn if whole else 0,
+                        shared_fixed=0 if whole else shared)
+
+    def tensors(self, config: dict[str, Any], names: list[str]) -> list[TensorSpec]:
+        layout = LAYOUTS[config["model_type"]]
+        specs = [s for s in super().tensors(self._dense_view(config), names) if dense_projection(s.name) is None]
+        hid_in, hid_out = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out")
+        moe = [TensorSpec(layout.router(), (Dim((EXPERTS,), "elem"), hid_in), per_layer=True)]
+        ffn: dict[str, tuple[str, ...]] = {f"e{e}": (FFN,) for e in range(self.experts(config))}
+        if layout.shared:
+            shared = self.sizes(config)
+            ffn["shared"] = (SHARED_BLOCKS, FFN) if shared.shared_blocks else (SHARED_FFN,)  # type: ignore[union-attr]
+        for who, axes in ffn.items():
+            def name(projection: str) -> str:
+                return layout.shared_expert(projection) if who == "shared" else layout.expert(int(who[1:]), projection)
+            moe += [TensorSpec(name("gate_proj"), (Dim(axes, "out", gated=True), hid_in), per_layer=True),
+                    TensorSpec(name("up_proj"), (Dim(axes, "out"), hid_in), per_layer=True),
+                    TensorSpec(name("down_proj"), (hid_out, Dim(axes, "in")), per_layer=True)]
+        if layout.shared:
+            moe.append(TensorSpec(layout.shared_gate(), (Dim((), "elem"), hid_in), per_layer=True))
+        final = [s for s in specs if not s.per_layer]
+        return [final[0], *[s for s in specs if s.per_layer], *moe, *final[1:]]
+
+    def rewrite_config(self, config: dict[str, Any], target: Sizes, layer_src: list[int]) -> dict[str, Any]:
+        layout = LAYOUTS[config["model_type"]]
+        new = super().rewrite_config(config, target, layer_src)
+        new["intermediate_size"] = config["intermediate_size"]  # the Qwen MoEs' dense-layer size; none is dense
+        new[layout.ffn_key] = target.ffn
+        if layout.shared and isinstance(target, MoeSizes):
+            new["shared_expert_intermediate_size"] = target.shared_ffn
+        return new
+
+    def infer_config(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any] | None:
+        return None  # a bare MoE file needs --config: its tensor names do not say which MoE family it is
+
+
+def fused_experts(config: dict[str, Any], tensors: Iterator[tuple[str, torch.Tensor]]
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Per-expert tensors -> the fused 3-D tensors a transformers 5 MoE model holds (`mlp.experts.gate_up_proj`
+    [E, 2 ffn, hidden], gate rows first, and `mlp.experts.down_proj` [E, hidden, ffn]; Mixtral's `block_sparse_moe`
+    is `mlp` there), each layer's yielded once its last expert tensor has passed. Other configs: unchanged."""
+    layout = LAYOUTS.get(config.get("model_type", ""))
+    if layout is None:
+        yield from tensors
+        return
+    experts = MoeFamily.experts(config)
+    pattern = re.compile(re.escape(layout.block).replace(r"\{\}", r"(\d+)") + r"experts\.(\d+)\.(\w+)\.weight")
+    pending: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, tensor in tensors:
+        m = pattern.fullmatch(name)
+        if m is None:
+            yield name.replace(".block_sparse_moe.", ".mlp."), tensor
+            continue
+        layer = int(m.group(1))
+        got = pending.setdefault(layer, {})
+        got[(int(m.group(2)), m.group(3))] = tensor
+        if len(got) == 3 * experts:
+            gate, up, down = layout.projections
+            prefix = f"model.layers.{layer}.mlp.experts."
+            yield prefix + "gate_up_proj", torch.stack([torch.cat([got[(e, gate)], got[(e, up)]]) for e in range(experts)])
+            yield prefix + "down_proj", torch.stack([got[(e, down)] for e in range(experts)])
+            del pending[layer]
+    yield from ((f"{layout.block.format(layer)}experts.{e}.{p}.weight", t)
+                for layer, got in pending.items() for (e, p), t in got.items())  # incomplete: reported as unexpected

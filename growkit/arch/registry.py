@@ -6,10 +6,11 @@ from typing import Any
 
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.llama import LlamaFamily
+from growkit.arch.moe import MoeFamily
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.errors import GrowkitError
 
-FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), LlamaFamily(), MoeFamily())
 
 
 def supported_model_types() -> list[str]:

@@ -8,7 +8,7 @@ tiling of kv heads plus a map inside each query group keeps every query head in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 HIDDEN = "hidden"
 FFN = "ffn"
@@ -85,6 +85,9 @@ class Sizes:
             HIDDEN: self.hidden, FFN: self.ffn, KV_HEADS: self.kv_heads, QGROUP: self.qgroup,
             HEAD_DIM: self.head_dim, QKV: 3, VOCAB: self.vocab, POSITIONS: self.positions,
         }[kind]
+
+    #: Axis kinds beyond the ones above that a subclass's `axis` answers for (a family's own vocabulary).
+    extra_axes: ClassVar[tuple[str, ...]] = ()
 
     def replace(self, **changes: int) -> "Sizes":
         return replace(self, **changes)
