@@ -14,12 +14,18 @@ import torch
 from safetensors import safe_open
 
 from cli_util import assert_nothing_written, error_line, run_cli_batch, snapshot
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-from conftest import randomize, save_tiny, tiny_config
+import growkit
+
+from conftest import MODELS, randomize, save_tiny, tiny_config
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.pipeline import grow
+from growkit.train.blocks import load_blocks
+from growkit.train.data import write_stdlib_corpus
+from growkit.train.loop import evaluate
+from growkit.train.moe import router_loss_setup
 from growkit.upcycle import upcycle
 from growkit.verify import compare, load_grown, model_from_checkpoint, random_tokens
 
@@ -285,3 +291,39 @@ def test_moe_verify_reads_the_per_expert_layout(tmp_path: Path) -> None:
     v = grow(src, tmp_path / "out", width="2x", quiet=True, verify=True).provenance["verification"]
     assert v["missing_keys"] == [] and v["unexpected_keys"] == []
     assert v["max_abs_dlogits"] <= TOL * v["max_abs_logit"]
+
+
+# --- training an upcycled model ---------------------------------------------------------------------------------
+
+def test_train_upcycled_model_with_load_balancing(tmp_path: Path) -> None:
+    """`growkit train` on an upcycled model: the load-balancing loss is on (the router, which identical experts give
+    no language-model gradient, moves), every step logs each expert's share of routed tokens, evaluation reports the
+    language-model loss alone (the step-0 MoE evaluates exactly as the dense model), and the result loads."""
+    dense = MODELS / "tiny-llama"
+    moe_dir = upcycle(dense, tmp_path / "moe", experts=4, top_k=2, quiet=True).out_dir
+    text = write_stdlib_corpus(tmp_path / "train.txt", "train", max_bytes=60_000)
+    tokenizer = AutoTokenizer.from_pretrained(moe_dir)
+    blocks = load_blocks([text], tokenizer, 64, tmp_path / "cache")
+    dense_loss = evaluate(AutoModelForCausalLM.from_pretrained(dense), blocks, max_blocks=8)
+    moe = AutoModelForCausalLM.from_pretrained(moe_dir)
+    assert router_loss_setup(moe, 0.02) is not None and moe.config.output_router_logits
+    assert abs(evaluate(moe, blocks, max_blocks=8) - dense_loss) <= TOL * dense_loss
+
+    out = tmp_path / "run"
+    result = growkit.train(moe_dir, text, out, steps=5, lr=1e-3, warmup=1, batch_size=4, seq_len=64, quiet=True,
+                           router_aux_loss_coef=0.02)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    for row in rows:
+        assert len(row["expert_fractions"]) == 4 and abs(sum(row["expert_fractions"]) - 1) < 1e-4
+        assert row["aux_loss"] is not None and row["aux_loss"] > 0
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    with safe_open(moe_dir / "model.safetensors", "pt") as f:
+        router = f.get_tensor("model.layers.0.block_sparse_moe.gate.weight")
+    assert not torch.equal(trained.model.layers[0].mlp.gate.weight.detach(), router)
+    assert result.model.config.router_aux_loss_coef == 0.02
+
+
+def test_router_loss_coefficient_needs_a_moe_model(tmp_path: Path) -> None:
+    with pytest.raises(GrowkitError, match="not a mixture of experts"):
+        router_loss_setup(AutoModelForCausalLM.from_pretrained(MODELS / "tiny-llama"), 0.01)

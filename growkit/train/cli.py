@@ -40,6 +40,8 @@ def train_command(
                                       "or none; default 10), seed, untie-head (yes/no), freeze (none/old/new: "
                                       "train only the old or only the new entries until the next growth); e.g. "
                                       "300:width=2x (repeatable). The AdamW state and the schedule carry over."),
+    router_aux_loss_coef: Optional[float] = typer.Option(None, "--router-aux-loss-coef", help="Mixture-of-experts "
+                                                         "models: load-balancing loss weight (default: the config's)."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -53,7 +55,7 @@ def train_command(
               grad_accum=grad_accum, warmup=warmup, schedule=schedule, weight_decay=weight_decay, mup=mup,
               base_width=base_width, mixed_precision=mixed_precision, eval_every=eval_every, save_every=save_every,
               seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, grow_at=grow_at,
-              quiet=quiet)
+              router_aux_loss_coef=router_aux_loss_coef, quiet=quiet)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
         raise Interrupted(f"{out}: training interrupted by {str(exc) or 'SIGINT'}; checkpoints saved so far are kept "
                           "(continue with --resume), the final model was not written") from None

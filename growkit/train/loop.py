@@ -32,6 +32,7 @@ from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks, resolve_data_paths
 from growkit.train.metrics import MetricsLog, plot_curves
 from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_config
+from growkit.train.moe import lm_loss_only, router_loss_setup
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -74,6 +75,8 @@ class TrainConfig:
     data_start: int | None = None
     # Growth points "STEP:SPEC" (growkit.train.grow_loop): model, AdamW state and schedule grown between two steps.
     grow_at: list[str] = field(default_factory=list)
+    # Mixture-of-experts models: the load-balancing loss's coefficient (None: the model config's)
+    router_aux_loss_coef: float | None = None
     quiet: bool = False
 
     def validate(self) -> None:
@@ -187,7 +190,7 @@ def evaluate(model, blocks: TokenBlocks, accelerator=None, batch_size: int = 8, 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(mine), batch_size):
         x = blocks.batch(mine[i:i + batch_size]).to(device)
-        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, **lm_loss_only(model)).loss
         total[0] += loss.double() * len(x)
         total[1] += len(x)
     if accelerator is not None and world > 1:
@@ -306,6 +309,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
 
     use_mup = base_config is not None and cfg.mup is not False
     model.train()
+    # Mixture of experts: the load-balancing loss in `.loss`, and each expert's share of tokens in the metrics.
+    expert_load = router_loss_setup(model, cfg.router_aux_loss_coef)
     groups = mup_param_groups(model, base_config if use_mup else None, cfg.lr, cfg.weight_decay)
     if use_mup:
         log(f"µP groups: {describe_groups(groups)}")
@@ -381,8 +386,11 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             x = train_blocks.batch(idx).to(accelerator.device)
             sync = contextlib.nullcontext() if micro == K - 1 else accelerator.no_sync(model)
             with sync:
-                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss / K
+                output = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x)
+                loss = output.loss / K
                 accelerator.backward(loss)
+                if expert_load is not None:
+                    expert_load.add(output)
             step_loss += loss.detach()
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -403,6 +411,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                "tokens": state.tokens, "tokens_per_s": round(tokens_run / max(elapsed, 1e-9), 1),
                "elapsed_s": round(state.elapsed_s, 3),
                "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4)}
+        if expert_load is not None:
+            row.update(expert_load.row())
         if eval_blocks is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps):
             last_eval = evaluate(model, eval_blocks, accelerator, B, cfg.eval_blocks)
             if not math.isfinite(last_eval):
