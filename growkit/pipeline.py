@@ -25,6 +25,7 @@ from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count
 from growkit.arch.validate import check_source_config, config_problem, size_type_problem
+from growkit.checkpoint.experts import split_fused_experts
 from growkit.checkpoint.files import check_support_files, copy_support_files
 from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
@@ -438,7 +439,7 @@ def growth_of_model(model: Any, *, untie_head: bool = False, source: str = "<mod
     config = model.config.to_dict()
     if untie_head:
         config["tie_word_embeddings"] = False
-    return plan_growth(StateDictCheckpoint(model.state_dict(), config, source), **request)
+    return plan_growth(split_fused_experts(StateDictCheckpoint(model.state_dict(), config, source)), **request)
 
 
 def grown_model(growth: Growth, into: Any | None = None) -> Any:

@@ -45,7 +45,7 @@ def fill_model(model: Any, tensors: Iterable[tuple[str, torch.Tensor]], tied: bo
     filled: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
-        for name, tensor in tensors:
+        for name, tensor in fused_experts(model.config.to_dict(), iter(tensors)):
             if name in head:
                 continue
             if name not in own:
@@ -66,8 +66,7 @@ def model_with_weights(config: Mapping[str, Any],
     """A fp32 `transformers` model of `config` holding `state` (a mapping or (name, tensor) pairs, consumed one
     at a time), with the weights it lacks (a tied head excepted) and the names it does not know."""
     model = empty_model(config)
-    pairs = fused_experts(dict(config), iter(state.items() if isinstance(state, Mapping) else state))
-    missing, unexpected = fill_model(model, pairs, tied)
+    missing, unexpected = fill_model(model, state.items() if isinstance(state, Mapping) else state, tied)
     return model, missing, unexpected
 
 

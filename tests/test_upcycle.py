@@ -7,11 +7,13 @@ model's logits to max |dlogits| <= 1e-5 x max |logit|; the cases the plan calls 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from cli_util import assert_nothing_written, error_line, run_cli_batch, snapshot
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
@@ -21,7 +23,7 @@ import growkit
 from conftest import MODELS, randomize, save_tiny, tiny_config
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
-from growkit.pipeline import grow
+from growkit.pipeline import grow, grow_model
 from growkit.train.blocks import load_blocks
 from growkit.train.data import write_stdlib_corpus
 from growkit.train.loop import evaluate
@@ -327,3 +329,25 @@ def test_train_upcycled_model_with_load_balancing(tmp_path: Path) -> None:
 def test_router_loss_coefficient_needs_a_moe_model(tmp_path: Path) -> None:
     with pytest.raises(GrowkitError, match="not a mixture of experts"):
         router_loss_setup(AutoModelForCausalLM.from_pretrained(MODELS / "tiny-llama"), 0.01)
+
+
+def test_moe_in_the_fused_layout_grows_exactly(tmp_path: Path) -> None:
+    """transformers 5's in-memory layout (3-D expert tensors) as a source: a file saved from a live model's state
+    dict, and `grow_model` of the live model; both grow exactly and the file's output is per-expert again."""
+    src = _save_moe("mixtral", tmp_path / "src")
+    source, _ = load_grown(src)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, fused / "model.safetensors",
+              metadata={"format": "pt"})
+    shutil.copy(src / "config.json", fused / "config.json")
+    tokens = random_tokens(101, seed=4, length=32)
+    out = grow(fused, tmp_path / "out", width="2x", quiet=True).out_dir
+    grown, info = load_grown(out)
+    assert info == {"missing_keys": [], "unexpected_keys": []}
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in f.keys()
+    in_memory = grow_model(source, width="2x")
+    for model in (grown, in_memory):
+        c = compare(source, model, tokens)
+        assert c["max_abs_dlogits"] <= TOL * c["max_abs_logit"], c
