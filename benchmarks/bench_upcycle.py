@@ -7,7 +7,7 @@ upcycling with the same active and total parameters as E=4 top-2 (granularity 4,
 top-2 MoE from scratch, trained for the dense model's steps plus the further steps. Reported: validation loss curves
 and, for the MoEs, each expert's share of routed tokens on the validation blocks (load balance).
 
-    python benchmarks/bench_upcycle.py --dense-steps 300 --steps 300
+    python benchmarks/bench_upcycle.py --dense-steps 150 --steps 100 --batch 8
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 from growkit.train.moe import router_loss_setup  # noqa: E402
 from growkit.upcycle import upcycle  # noqa: E402
 
-DIMS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128, tie_word_embeddings=False)
-DENSE_FFN = 352
+DENSE_FFN = 176
 #: label -> upcycle options
 UPCYCLED = {
     "upcycled E4 top-2": dict(experts=4, top_k=2),
@@ -75,11 +75,12 @@ def balance(shares: list[list[float]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dense-steps", type=int, default=300, help="steps of the dense model before upcycling")
-    ap.add_argument("--steps", type=int, default=300, help="further steps of every continued / upcycled run")
+    ap.add_argument("--dense-steps", type=int, default=150, help="steps of the dense model before upcycling")
+    ap.add_argument("--steps", type=int, default=100, help="further steps of every continued / upcycled run")
+    ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--aux", type=float, default=0.01, help="load-balancing loss coefficient of the MoE runs")
-    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/upcycle]")
@@ -87,7 +88,7 @@ def main() -> None:
     tok, train_blocks, val_blocks, acc = prepare_run(args, REPO / "benchmarks" / "results" / "upcycle")
     import transformers as T
 
-    common = dict(lr=args.lr, eval_every=args.eval_every, seed=args.seed, accelerator=acc)
+    common = dict(lr=args.lr, eval_every=args.eval_every, seed=args.seed, accelerator=acc, batch_size=args.batch)
     work = Path(tempfile.mkdtemp(prefix="bench-upcycle-"))
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     try:

@@ -81,6 +81,11 @@ def router_tensor(plan: UpcyclePlan, layer: int, std: float, seed: int) -> torch
     return rows[torch.tensor(plan.router_groups)].contiguous()
 
 
+def duplicated_router(x: torch.Tensor, plan: UpcyclePlan) -> torch.Tensor:
+    """A MoE source's router with each row repeated for every copy of its expert (`plan.router_groups`)."""
+    return x.index_select(0, torch.tensor(plan.router_groups)).contiguous()
+
+
 def shared_gate_tensor(plan: UpcyclePlan) -> torch.Tensor:
     """The shared expert's gate starts at zero: sigmoid(0) = 1/2 for every token, which its down_proj undoes."""
     return torch.zeros(1, plan.source.hidden)

@@ -19,17 +19,17 @@ from typing import Any
 import torch
 
 from growkit import __version__
-from growkit.apply_moe import expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
-from growkit.arch.moe import DENSE_PROJECTIONS, dense_projection, moe_config
+from growkit.apply_moe import duplicated_router, expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
+from growkit.arch.moe import DENSE_PROJECTIONS, LAYOUTS, MoeFamily, dense_projection, moe_config
 from growkit.arch.spec import parameter_count
 from growkit.arch.validate import config_problem
 from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size
 from growkit.errors import GrowkitError
-from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest, plan_upcycle
+from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest, plan_duplication, plan_upcycle
 from growkit.pipeline import (
-    Growth, all_finite, check_seed, clean_temporaries, input_paths, parse_dtype, plan_growth,
+    Growth, all_finite, check_seed, clean_temporaries, config_errors, input_paths, parse_dtype, plan_growth,
     write_weights_and_config,
 )
 from growkit.resources import check_disk, check_memory
@@ -100,6 +100,8 @@ class Upcycling:
                 checked.add(name)
             if kind == "copy":
                 y = x
+            elif kind == "router_rows":
+                y = duplicated_router(x, self.plan)
             elif kind == "expert":
                 y = expert_tensor(x, spec, layer, self.plan, what[2], sizes, self.seed)
             else:
@@ -117,7 +119,37 @@ class Upcycling:
         idle = self.plan.request.experts - self.plan.request.top_k
         per_expert = len(DENSE_PROJECTIONS) * self.plan.source.hidden * self.plan.expert_ffn
         return {"total": total, "active": total - idle * per_expert * self.plan.source.layers,
-                "dense": parameter_count(self.growth.specs, self.growth.plan.source)}
+                "source": parameter_count(self.growth.specs, self.growth.plan.source)}
+
+
+class ExpertDuplication(Upcycling):
+    """A MoE source with more experts: each new expert and router row a copy of a source one (`plan_duplication`)."""
+
+    def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, str, Any]]:
+        plan, sizes = self.plan, self.growth.plan.source
+        layout = plan.layout
+        expert_specs = {layout.expert(e, p): (e, p) for e in range(plan.routed_slices) for p in DENSE_PROJECTIONS}
+        out: list[tuple[TensorEntry, str, Any]] = []
+        for layer in [None, *range(sizes.layers)]:
+            experts: dict[tuple[int, str], Any] = {}
+            for spec in self.growth.specs:
+                if spec.per_layer != (layer is not None):
+                    continue
+                shape = tuple(math.prod(sizes.axis(a) for a in d.axes) for d in spec.dims)
+                if spec.name in expert_specs:
+                    experts[expert_specs[spec.name]] = spec
+                elif spec.name == layout.router():
+                    out.append((TensorEntry(spec.at(layer), (plan.request.experts, shape[1]), dtype), "router_rows",
+                                (spec, layer)))
+                else:
+                    out.append((TensorEntry(spec.at(layer), shape, dtype), "copy", (spec, layer)))
+            for e in range(plan.request.experts if layer is not None else 0):
+                for projection in DENSE_PROJECTIONS:
+                    spec = experts[(plan.router_groups[e], projection)]
+                    shape = tuple(math.prod(sizes.axis(a) for a in d.axes) for d in spec.dims)
+                    out.append((TensorEntry(layout.expert(e, projection).format(layer), shape, dtype), "expert",
+                                (spec, layer, e)))
+        return out
 
 
 def plan_upcycling(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0) -> Upcycling:
@@ -142,6 +174,26 @@ def plan_upcycling(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0) -> 
         raise GrowkitError(f"{ckpt.source}: the {plan.layout.model_type} config would not load: {problem}")
     std = request.router_std if request.router_std is not None else float(config.get("initializer_range") or 0.02)
     return Upcycling(growth=growth, plan=plan, config=new_config, router_std=std, seed=seed)
+
+
+def plan_expert_growth(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0) -> ExpertDuplication:
+    """More experts for a MoE checkpoint, checked and decided before any weight is read."""
+    check_seed(seed)
+    growth = plan_growth(ckpt)
+    config = ckpt.config
+    layout = LAYOUTS[ckpt.model_type]
+    source = growth.plan.source
+    try:
+        plan = plan_duplication(layout, source, source.axis("experts"), int(config["num_experts_per_tok"]), request)
+    except GrowkitError as exc:
+        raise GrowkitError(f"{ckpt.source}: {exc}") from None
+    new_config = dict(config, num_experts_per_tok=request.top_k)
+    for key in {layout.experts_key, "num_local_experts"} & (set(config) | {layout.experts_key}):
+        new_config[key] = request.experts
+    problem = config_problem(growth.family, new_config)
+    if problem is not None:
+        raise GrowkitError(f"{ckpt.source}: the {layout.model_type} config would not load: {problem}")
+    return ExpertDuplication(growth=growth, plan=plan, config=new_config, router_std=0.0, seed=seed)
 
 
 def _provenance(up: Upcycling, src: Path, command: str | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -173,28 +225,35 @@ class UpcycleResult:
     provenance: dict[str, Any]
 
 
-def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top_k: int = 2, to: str | None = None,
+def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top_k: int | None = None,
+            to: str | None = None,
             granularity: int = 1, shared_experts: int = 0, router: str = "random", router_std: float | None = None,
             expert_noise: float | None = None, reinit_ratio: float = 0.0, norm_topk_prob: bool = True,
             seed: int = 0, dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB",
             overwrite: bool = False, quiet: bool = False, config: str | Path | Mapping[str, Any] | None = None,
             verify: bool = False, allow_pickle: bool = False, command: str | None = None) -> UpcycleResult:
-    """Upcycle the dense checkpoint at `src` into a mixture-of-experts checkpoint directory `out` (streamed, atomic).
+    """Upcycle the dense checkpoint at `src` into a mixture-of-experts checkpoint directory `out` (streamed, atomic);
+    a MoE checkpoint gets `experts` experts by copying its own (`top_k` default: the source's times the copies,
+    which keeps it exact; 2 for a dense source).
 
     `expert_noise` is a signal-to-noise ratio in dB, as `grow`'s `noise_snr_db`; see `growkit.operators.upcycle`
-    for when the result computes exactly what the dense model did.
+    for when the result computes exactly what the source model did.
     """
     src = Path(src)
     shard_bytes = parse_size(max_shard_size)
     check_seed(seed)
     asked_dtype = parse_dtype(dtype)
-    request = UpcycleRequest(experts=experts, top_k=top_k, to=to, granularity=granularity,
-                             shared_experts=shared_experts, router=router, router_std=router_std,
-                             expert_noise_db=expert_noise, reinit_ratio=reinit_ratio, normalise_topk=norm_topk_prob)
     out = Path(out) if out is not None else src.parent / f"{src.stem if src.is_file() else src.resolve().name}-moe"
     check_output(out, input_paths(src, config, None), overwrite)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
-    up = plan_upcycling(ckpt, request, seed)
+    moe_source = ckpt.config.get("model_type") in LAYOUTS
+    if top_k is None and moe_source:  # the top-k that keeps a duplication exact (plan_duplication)
+        with config_errors(ckpt.source):
+            top_k = int(ckpt.config["num_experts_per_tok"]) * max(1, experts // MoeFamily.experts(ckpt.config))
+    request = UpcycleRequest(experts=experts, top_k=top_k or 2, to=to, granularity=granularity,
+                             shared_experts=shared_experts, router=router, router_std=router_std,
+                             expert_noise_db=expert_noise, reinit_ratio=reinit_ratio, normalise_topk=norm_topk_prob)
+    up = plan_expert_growth(ckpt, request, seed) if moe_source else plan_upcycling(ckpt, request, seed)
     out_dtype = asked_dtype or ckpt.storage_dtype()
     for note in up.plan.notes:
         print(f"growkit: note: not exact at step 0: {note}", file=sys.stderr)
@@ -238,5 +297,5 @@ def _check_fits(up: Upcycling, out: Path, entries: list[TensorEntry], verify: bo
     largest = max(math.prod(e.shape) for e in entries)
     check_memory(up.growth.ckpt.source, 2 * largest * 4, "upcycling one tensor")
     if verify:
-        check_memory(up.growth.ckpt.source, (params["total"] + params["dense"]) * 4,
+        check_memory(up.growth.ckpt.source, (params["total"] + params["source"]) * 4,
                      "--verify (dense and MoE models in fp32)")

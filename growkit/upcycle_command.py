@@ -23,7 +23,8 @@ def upcycle_command(
     src: SrcArg,
     experts: Annotated[int, Opt("--experts", help="Routed experts per layer")],
     out: Annotated[Optional[Path], Opt("--out", "-o", help="Output directory (default: SRC-moe beside SRC)")] = None,
-    top_k: Annotated[int, Opt("--top-k", help="Experts each token is routed to")] = 2,
+    top_k: Annotated[Optional[int], Opt("--top-k", help="Experts each token is routed to (default 2; for a MoE "
+                                                        "source, its top-k times the copies of each expert)")] = None,
     to: Annotated[Optional[str], Opt(help="Target family where several fit: mixtral (from llama/mistral), "
                                           "qwen2_moe (from qwen2), qwen3_moe (from qwen3)")] = None,
     granularity: Annotated[int, Opt(help="Split the FFN into G slices; each expert is one slice (fine-grained "
@@ -49,7 +50,8 @@ def upcycle_command(
     allow_pickle: AllowPickleOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Turn a dense checkpoint into a mixture of experts (sparse upcycling), streamed into a new checkpoint."""
+    """Turn a dense checkpoint into a mixture of experts (sparse upcycling), or give a MoE checkpoint more experts
+    by copying its own, streamed into a new checkpoint."""
     target = out
     existed = target is not None and target.exists()
     try:
@@ -67,6 +69,6 @@ def upcycle_command(
         params = p["parameters"]
         print(f"wrote {result.out_dir} ({p['target']['model_type']}, {p['target']['experts']} experts, top-"
               f"{p['target']['top_k']}: {params['total']:,} parameters, {params['active']:,} active per token; "
-              f"dense {params['dense']:,}; exact at step 0: {'yes' if p['exact_at_step_0'] else 'no'})")
+              f"source {params['source']:,}; exact at step 0: {'yes' if p['exact_at_step_0'] else 'no'})")
     if p["verification"]:
         print(verification_line(p["verification"]))

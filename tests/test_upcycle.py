@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwe
 import growkit
 
 from conftest import MODELS, randomize, save_tiny, tiny_config
+from growkit.arch.moe import LAYOUTS
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.pipeline import grow, grow_model
@@ -351,3 +352,43 @@ def test_moe_in_the_fused_layout_grows_exactly(tmp_path: Path) -> None:
     for model in (grown, in_memory):
         c = compare(source, model, tokens)
         assert c["max_abs_dlogits"] <= TOL * c["max_abs_logit"], c
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_more_experts_by_copying_is_exact(tmp_path: Path, name: str) -> None:
+    """E -> m E experts (each copied m times with its router row) and top-k -> m K (the default) is exact, also with
+    expert noise (all copies of an expert are taken together, with equal weights); keeping top-k is not, and says so."""
+    src = _save_moe(name, tmp_path / "src")
+    source, _ = load_grown(src)
+    tokens = random_tokens(101, seed=5, length=32)
+    for label, options in {"x2": dict(experts=8), "x3-noise": dict(experts=12, expert_noise=10.0),
+                           "same-top-k": dict(experts=8, top_k=2)}.items():
+        result = upcycle(src, tmp_path / label, quiet=True, **options)
+        grown, info = load_grown(result.out_dir)
+        assert info == {"missing_keys": [], "unexpected_keys": []}
+        assert grown.config.num_experts_per_tok == options.get("top_k", 2 * options["experts"] // 4)
+        c = compare(source, grown, tokens)
+        exact = c["max_abs_dlogits"] <= TOL * c["max_abs_logit"]
+        assert exact == result.provenance["exact_at_step_0"] == (label != "same-top-k"), (label, c)
+    layout = LAYOUTS[MOE[name]().model_type]
+    with safe_open(tmp_path / "x3-noise" / "model.safetensors", "pt") as f:
+        down = [f.get_tensor(layout.expert(e, "down_proj").format(1)) for e in (1, 5, 9)]  # the copies of expert 1
+    with safe_open(src / "model.safetensors", "pt") as f:
+        original = f.get_tensor(layout.expert(1, "down_proj").format(1))
+    assert not torch.equal(down[0], down[1])
+    torch.testing.assert_close(sum(down) / 3, original, rtol=0, atol=1e-6)
+
+
+def test_more_experts_refuses_what_it_cannot_copy(tmp_path: Path) -> None:
+    dense_layers = tmp_path / "dense-layers"
+    config = MOE["qwen2_moe"]()
+    config.mlp_only_layers = [1]
+    AutoModelForCausalLM.from_config(config).save_pretrained(dense_layers)
+    with pytest.raises(GrowkitError, match="some layers are dense"):
+        upcycle(dense_layers, tmp_path / "out", experts=8, quiet=True)
+    src = _save_moe("mixtral", tmp_path / "src")
+    for options, fragment in ((dict(experts=6), "multiple of 4"), (dict(experts=8, granularity=2), "dense sources"),
+                              (dict(experts=8, to="qwen2_moe"), "stays mixtral")):
+        with pytest.raises(GrowkitError, match=fragment):
+            upcycle(src, tmp_path / "out", quiet=True, **options)
+        assert_nothing_written(tmp_path / "out")

@@ -168,3 +168,40 @@ def reinit_positions(plan: UpcyclePlan, gen: torch.Generator) -> torch.Tensor:
     """Drop-Upcycling: which of one expert's neurons are re-drawn (a fresh random subset per expert and layer)."""
     n = round(plan.request.reinit_ratio * plan.expert_ffn)
     return torch.randperm(plan.expert_ffn, generator=gen)[:n].sort().values
+
+
+def plan_duplication(layout: MoeLayout, source: Sizes, experts: int, top_k_source: int,
+                     request: UpcycleRequest) -> UpcyclePlan:
+    """More experts for a MoE model: each source expert copied m = N / E times, its router row with it.
+
+    The m copies of an expert have equal logits, so a top-k of m x K takes all copies of the K experts the source
+    took; each copy's weight is the source weight / m, renormalised or not (softmax over N logits with m-fold
+    ties gives each copy p / m), so the mixture is exactly the source's. Any other top-k splits copies: announced.
+    Expert noise cancels exactly here whenever top-k is m x K, because all copies of an expert are taken together.
+    """
+    defaults = UpcycleRequest(experts=request.experts, top_k=request.top_k, to=request.to,
+                              expert_noise_db=request.expert_noise_db, normalise_topk=request.normalise_topk)
+    if request != defaults or not request.normalise_topk:
+        raise GrowkitError("--granularity, --shared-experts, --router, --router-std, --reinit-ratio and "
+                           "--no-norm-topk-prob apply to dense sources; a MoE source's experts are copied whole")
+    if request.to not in (None, layout.model_type):
+        raise GrowkitError(f"--to {request.to}: a {layout.model_type} model stays {layout.model_type}")
+    if request.experts <= experts or request.experts % experts:
+        raise GrowkitError(f"--experts {request.experts}: a MoE source with {experts} experts grows to a multiple "
+                           f"of {experts} (each expert copied the same number of times)")
+    copies = request.experts // experts
+    if request.expert_noise_db is not None and (not math.isfinite(request.expert_noise_db)
+                                                or request.expert_noise_db < 0):
+        raise GrowkitError(f"--expert-noise must be a finite signal-to-noise ratio of at least 0 dB, got "
+                           f"{request.expert_noise_db}")
+    if not 1 <= request.top_k <= request.experts:
+        raise GrowkitError(f"--top-k {request.top_k} must be from 1 to --experts {request.experts}")
+    notes = []
+    if request.top_k != copies * top_k_source:
+        notes.append(f"--top-k {request.top_k} is not {copies} copies x the source's top-{top_k_source}, so a token's "
+                     "experts differ from the source's")
+    identity = AxisMap.identity(source.ffn)
+    return UpcyclePlan(layout=layout, request=request, source=source, expert_ffn=source.ffn,
+                       shared_ffn=getattr(source, "shared_ffn", 0), copies=copies, routed_slices=experts,
+                       expert_maps=[identity] * request.experts, shared_map=None,
+                       router_groups=[e % experts for e in range(request.experts)], exact=not notes, notes=notes)
