@@ -1,4 +1,5 @@
-"""`growkit.upcycle`: a dense Llama-family checkpoint -> a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, streamed.
+"""`growkit.upcycle`: a dense Llama-family checkpoint -> a Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, or a MoE
+checkpoint -> the same family with more experts (copies of its own), streamed.
 
 The source is read and checked as `grow` reads it (an identity growth plan: every tensor, shape and config field);
 attention, norms and embeddings are copied, each FFN tensor becomes its experts' slices (`growkit.apply_moe`), and
@@ -198,7 +199,7 @@ def plan_expert_growth(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0)
 
 def _provenance(up: Upcycling, src: Path, command: str | None, dtype: torch.dtype) -> dict[str, Any]:
     plan, ckpt = up.plan, up.growth.ckpt
-    request = {k: v for k, v in asdict(plan.request).items()}
+    request = asdict(plan.request)
     request["to"] = plan.layout.model_type
     return {
         "growkit_version": __version__,
