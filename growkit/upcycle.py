@@ -247,7 +247,7 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
     out = Path(out) if out is not None else src.parent / f"{src.stem if src.is_file() else src.resolve().name}-moe"
     check_output(out, input_paths(src, config, None), overwrite)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
-    moe_source = ckpt.config.get("model_type") in LAYOUTS
+    moe_source = isinstance(ckpt.config.get("model_type"), str) and ckpt.config["model_type"] in LAYOUTS
     if top_k is None and moe_source:  # the top-k that keeps a duplication exact (plan_duplication)
         with config_errors(ckpt.source):
             top_k = int(ckpt.config["num_experts_per_tok"]) * max(1, experts // MoeFamily.experts(ckpt.config))

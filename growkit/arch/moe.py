@@ -215,7 +215,8 @@ def fused_experts(config: dict[str, Any], tensors: Iterator[tuple[str, torch.Ten
     """Per-expert tensors -> the fused 3-D tensors a transformers 5 MoE model holds (`mlp.experts.gate_up_proj`
     [E, 2 ffn, hidden], gate rows first, and `mlp.experts.down_proj` [E, hidden, ffn]; Mixtral's `block_sparse_moe`
     is `mlp` there), each layer's yielded once its last expert tensor has passed. Other configs: unchanged."""
-    layout = LAYOUTS.get(config.get("model_type", ""))
+    model_type = config.get("model_type")
+    layout = LAYOUTS.get(model_type) if isinstance(model_type, str) else None
     if layout is None:
         yield from tensors
         return

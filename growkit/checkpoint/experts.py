@@ -79,6 +79,7 @@ class SplitExpertsCheckpoint(Checkpoint):
 
 def split_fused_experts(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` as per-expert tensors when it is a MoE checkpoint in the fused layout; otherwise `ckpt` itself."""
-    if ckpt.config.get("model_type") not in LAYOUTS or not any(_FUSED.fullmatch(n) for n in ckpt.names()):
+    model_type = ckpt.config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in LAYOUTS or not any(map(_FUSED.fullmatch, ckpt.names())):
         return ckpt
     return SplitExpertsCheckpoint(ckpt)
