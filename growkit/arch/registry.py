@@ -7,13 +7,15 @@ from typing import Any
 from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.gpt_neox import GPTNeoXFamily
 from growkit.arch.llama import LlamaFamily
+from growkit.arch.moe import MoeFamily
 from growkit.arch.opt import OPTFamily
 from growkit.arch.spec import Family, HeadsUnknown
 from growkit.arch.starcoder2 import Starcoder2Family
 from growkit.errors import GrowkitError
 
 #: StarCoder2 before Llama: a bare file's names are Llama's plus `mlp.c_fc`, and inference tries them in order
-FAMILIES: tuple[Family, ...] = (GPT2Family(), Starcoder2Family(), LlamaFamily(), GPTNeoXFamily(), OPTFamily())
+FAMILIES: tuple[Family, ...] = (GPT2Family(), Starcoder2Family(), LlamaFamily(), GPTNeoXFamily(), OPTFamily(),
+                                MoeFamily())
 
 
 def supported_model_types() -> list[str]:
