@@ -2,7 +2,7 @@
 checkpoint -> the same family with more experts (copies of its own), streamed.
 
 The source is read and checked as `grow` reads it (an identity growth plan: every tensor, shape and config field);
-attention, norms and embeddings are copied, each FFN tensor becomes its experts' slices (`growkit.apply_moe`), and
+attention, norms and embeddings are copied, each FFN tensor becomes its experts' slices (`growkit.apply`), and
 the output goes through the same output checks, streamed writer and atomic rename as `grow`.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from growkit import __version__
-from growkit.apply_moe import duplicated_router, expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
+from growkit.apply import duplicated_router, expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
 from growkit.arch.moe import DENSE_PROJECTIONS, LAYOUTS, MoeFamily, dense_projection, moe_config
 from growkit.arch.registry import family_for
 from growkit.arch.spec import parameter_count

@@ -13,7 +13,7 @@ the routed mixture add back up to the dense FFN:
   otherwise;
 - the shared slices form the shared expert; its gate starts at zero, sigmoid(0) = 1/2, so its down_proj is x 2.
 
-Nothing here touches a tensor: `growkit.apply_moe` turns these decisions into weights.
+Nothing here touches a tensor: `growkit.apply` turns these decisions into weights.
 """
 
 from __future__ import annotations
@@ -76,6 +76,11 @@ class UpcyclePlan:
     def active_ffn(self) -> int:
         """FFN neurons each token passes through: K routed experts and the shared expert."""
         return self.request.top_k * self.expert_ffn + self.shared_ffn
+
+    def reinit_positions(self, gen: torch.Generator) -> torch.Tensor:
+        """Drop-Upcycling: which of one expert's neurons are re-drawn (a fresh random subset per expert and layer)."""
+        n = round(self.request.reinit_ratio * self.expert_ffn)
+        return torch.randperm(self.expert_ffn, generator=gen)[:n].sort().values
 
 
 def _target(dense_type: str, to: str | None) -> MoeLayout:
@@ -162,12 +167,6 @@ def plan_upcycle(dense_type: str, source: Sizes, request: UpcycleRequest) -> Upc
                        shared_ffn=s * slice_size if s else (slice_size if layout.shared else 0), copies=copies,
                        routed_slices=routed, expert_maps=expert_maps, shared_map=shared_map,
                        router_groups=[e // routed for e in range(request.experts)], exact=not notes, notes=notes)
-
-
-def reinit_positions(plan: UpcyclePlan, gen: torch.Generator) -> torch.Tensor:
-    """Drop-Upcycling: which of one expert's neurons are re-drawn (a fresh random subset per expert and layer)."""
-    n = round(plan.request.reinit_ratio * plan.expert_ffn)
-    return torch.randperm(plan.expert_ffn, generator=gen)[:n].sort().values
 
 
 def plan_duplication(layout: MoeLayout, source: Sizes, experts: int, top_k_source: int,
