@@ -17,6 +17,7 @@ _LAZY = {
     "train": "growkit.train",
     "mup_param_groups": "growkit.train.mup",
     "inspect": "growkit.measure.report",
+    "upcycle": "growkit.upcycle",
 }
 
 

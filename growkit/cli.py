@@ -44,6 +44,7 @@ from growkit.measure.command import inspect_command  # noqa: E402
 from growkit.recipe import run_command  # noqa: E402
 from growkit.shrink_command import shrink_command  # noqa: E402
 from growkit.train.cli import train_command  # noqa: E402
+from growkit.upcycle_command import upcycle_command  # noqa: E402
 
 sys.excepthook = _previous_excepthook  # the imports are done: a program importing growkit.cli keeps its own hook
 
@@ -55,6 +56,7 @@ app.command("run")(run_command)
 app.command("train")(train_command)
 app.command("inspect")(inspect_command)
 app.command("shrink")(shrink_command)
+app.command("upcycle")(upcycle_command)
 
 
 @app.callback()

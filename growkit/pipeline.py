@@ -25,6 +25,7 @@ from growkit.apply import ApplyOptions, apply_tensor
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count, rms_stream
 from growkit.arch.validate import check_source_config, config_problem, size_type_problem
+from growkit.checkpoint.experts import split_fused_experts
 from growkit.checkpoint.files import check_support_files, copy_support_files
 from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, StateDictCheckpoint, load_checkpoint
@@ -360,13 +361,8 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
     entries = [e for e, _, _ in growth.entries(out_dtype)]
     with CheckpointWriter(out, entries, shard_bytes, metadata, overwrite=overwrite) as writer:
         check_fits(growth, out, out_dtype, verify)  # once the writer knows the output's directory is writable
-        with single_threaded():
-            for entry, tensor in grown_tensors(growth, out_dtype, quiet=quiet, allow_nonfinite=allow_nonfinite):
-                writer.add(entry.name, tensor)
-        writer.finish_weights()
-        writer.add_file("config.json", json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-        if ckpt.root is not None:
-            copy_support_files(ckpt.root, writer)
+        write_weights_and_config(writer, grown_tensors(growth, out_dtype, quiet=quiet,
+                                                       allow_nonfinite=allow_nonfinite), new_config, ckpt)
         if verify:
             provenance["verification"] = verify_growth(ckpt, writer.tmp, seed=seed)
             provenance["verification"]["config_inferred"] = ckpt.config_inferred is not None
@@ -375,6 +371,19 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
             _write_card(writer.tmp, provenance)
         out_dir = writer.commit()
     return GrowResult(out_dir=out_dir, provenance=provenance, plan=growth.plan)
+
+
+def write_weights_and_config(writer: CheckpointWriter, tensors: Iterator[tuple[TensorEntry, torch.Tensor]],
+                             config: dict[str, Any], ckpt: Checkpoint) -> None:
+    """Stream the output's tensors into `writer` (single-threaded), then its config.json and the source's tokenizer
+    and generation files: what every command that writes a checkpoint from a source does, in this order."""
+    with single_threaded():
+        for entry, tensor in tensors:
+            writer.add(entry.name, tensor)
+    writer.finish_weights()
+    writer.add_file("config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if ckpt.root is not None:
+        copy_support_files(ckpt.root, writer)
 
 
 def check_fits(growth: Growth, out: Path, dtype: torch.dtype, verify: bool = False) -> None:
@@ -438,7 +447,7 @@ def growth_of_model(model: Any, *, untie_head: bool = False, source: str = "<mod
     config = model.config.to_dict()
     if untie_head:
         config["tie_word_embeddings"] = False
-    return plan_growth(StateDictCheckpoint(model.state_dict(), config, source), **request)
+    return plan_growth(split_fused_experts(StateDictCheckpoint(model.state_dict(), config, source)), **request)
 
 
 def grown_model(growth: Growth, into: Any | None = None) -> Any:

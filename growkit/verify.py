@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from growkit.arch.moe import fused_experts
 from growkit.arch.registry import family_for
 from growkit.checkpoint.files import tokenizer_files
 from growkit.checkpoint.reader import Checkpoint
@@ -44,7 +45,7 @@ def fill_model(model: Any, tensors: Iterable[tuple[str, torch.Tensor]], tied: bo
     filled: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
-        for name, tensor in tensors:
+        for name, tensor in fused_experts(model.config.to_dict(), iter(tensors)):
             if name in head:
                 continue
             if name not in own:

@@ -9,6 +9,7 @@ from growkit.arch.gpt2 import GPT2Family
 from growkit.arch.gpt_neox import GPTNeoXFamily
 from growkit.arch.granite import GraniteFamily
 from growkit.arch.llama import LlamaFamily
+from growkit.arch.moe import MoeFamily
 from growkit.arch.olmo2 import Olmo2Family
 from growkit.arch.opt import OPTFamily
 from growkit.arch.phi3 import Phi3Family
@@ -19,7 +20,8 @@ from growkit.errors import GrowkitError
 #: Config inference tries them in order: StarCoder2 before Llama (a bare file's names are Llama's plus `mlp.c_fc`),
 #: OLMo2 before Llama (whose q_proj/q_norm names it shares)
 FAMILIES: tuple[Family, ...] = (GPT2Family(), Starcoder2Family(), Olmo2Family(), LlamaFamily(), GPTNeoXFamily(),
-                                OPTFamily(), GemmaFamily(), GraniteFamily(), Phi3Family())
+                                OPTFamily(), GemmaFamily(), GraniteFamily(), Phi3Family(),
+                                MoeFamily())
 
 
 def supported_model_types() -> list[str]:

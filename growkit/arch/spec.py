@@ -27,8 +27,6 @@ VOCAB = "vocab"
 POSITIONS = "positions"
 #: OPT's word-embedding width when it differs from hidden (`word_embed_proj_dim`): fixed, like vocab
 EMBED_PROJ = "embed_proj"
-#: Every axis kind a dimension can span (what an operator's or apply's table of source sizes covers).
-AXES = (HIDDEN, FFN, KV_HEADS, QGROUP, HEAD_DIM, QKV, VOCAB, POSITIONS, EMBED_PROJ)
 
 #: Axes an operator may resize. The others (vocab, positions, head_dim, the q/k/v section, embed_proj) are never
 #: gathered.

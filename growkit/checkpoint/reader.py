@@ -182,8 +182,10 @@ class RenamedCheckpoint(Checkpoint):
 
 
 def _canonical(ckpt: Checkpoint) -> Checkpoint:
+    from growkit.checkpoint.experts import split_fused_experts
+
     renames = stored_names(ckpt.names())
-    return RenamedCheckpoint(ckpt, renames) if renames else ckpt
+    return split_fused_experts(RenamedCheckpoint(ckpt, renames) if renames else ckpt)
 
 
 _DTYPES = {

@@ -32,10 +32,10 @@ from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks, resolve_data_paths
 from growkit.train.grad_clip import clip_grad_norm
 from growkit.train.metrics import MetricsLog, finite_or_none, plot_curves
-from growkit.train.startup import accelerator_error
 from growkit.train.stop_on_any_rank import StopOnAnyRank
 from growkit.train.topology import check_fixed, check_topology
 from growkit.train.trackers import RunTrackers, accelerator_options, group_lrs
+from growkit.train.moe import lm_loss_only, router_loss_setup
 from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -79,6 +79,8 @@ class TrainConfig:
     data_start: int | None = None
     # Growth points "STEP:SPEC" (growkit.train.grow_loop): model, AdamW state and schedule grown between two steps.
     grow_at: list[str] = field(default_factory=list)
+    # Mixture-of-experts models: the load-balancing loss's coefficient (None: the model config's)
+    router_aux_loss_coef: float | None = None
     quiet: bool = False
     # Experiment tracker for the metrics besides metrics.jsonl (growkit.train.trackers): none, tensorboard, wandb, ...
     report_to: str = "none"
@@ -198,7 +200,7 @@ def evaluate(model, blocks: TokenBlocks, accelerator=None, batch_size: int = 8, 
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i in range(0, len(mine), batch_size):
         x = blocks.batch(mine[i:i + batch_size]).to(device)
-        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+        loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, **lm_loss_only(model)).loss
         total[0] += loss.double() * len(x)
         total[1] += len(x)
     if accelerator is not None and world > 1:
@@ -319,6 +321,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
 
     use_mup = base_config is not None and cfg.mup is not False
     model.train()
+    # Mixture of experts: the load-balancing loss in `.loss`, and each expert's share of tokens in the metrics.
+    expert_load = router_loss_setup(model, cfg.router_aux_loss_coef)
     groups = mup_param_groups(model, base_config if use_mup else None, cfg.lr, cfg.weight_decay)
     if use_mup:
         log(f"µP groups: {describe_groups(groups)}")
@@ -402,8 +406,11 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             # accumulate: no gradient sync before the last micro-step; backward divides by K (DeepSpeed's engine
             # divides, and steps, itself)
             with accelerator.accumulate(model):
-                loss = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+                output = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x)
+                loss = output.loss
                 accelerator.backward(loss)
+            if expert_load is not None:
+                expert_load.add(output)
             step_loss += loss.detach() / K
         # The norm before clipping (max_grad_norm None or 0: an infinite bound, which scales by 1), in the small
         # model's units after a growth; None under DeepSpeed (its engine clips)
@@ -427,6 +434,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                "elapsed_s": round(state.elapsed_s, 3),
                "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4),
                "grad_norm": finite_or_none(grad_norm), "lrs": lrs}
+        if expert_load is not None:
+            row.update(expert_load.row())
         if eval_blocks is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps):
             last_eval = evaluate(model, eval_blocks, accelerator, B, cfg.eval_blocks)
             if not math.isfinite(last_eval):
@@ -518,6 +527,10 @@ def resolve_base_config(ckpt: Path, config: dict, mup: bool | None, base_width: 
                 raise GrowkitError(f"{prov_path}: this checkpoint was shrunk from a wider model, which is no µP base; "
                                    "pass --base-width N (narrower than this model) or drop --mup")
             return None, f"off ({prov_path.name}: shrunk from a wider model)"
+        if prov.get("kind") == "upcycle":
+            # A MoE made from a dense model of the same width (another family): the model is its own base, so every
+            # multiplier is 1 (experts are slices of the dense FFN, not a wider model).
+            return config, f"{prov_path.name} (upcycled at its source's width: every multiplier 1)"
         return base, f"{prov_path.name} (source {prov['source'].get('model_type', '?')})"
     if mup:
         raise GrowkitError(f"{ckpt} has no growkit.json provenance; pass --base-width N to set the µP base width")

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from growkit.arch.moe import fused_parameter_names
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec
 from growkit.errors import GrowkitError
@@ -44,8 +45,11 @@ def _as_dict(config: Any) -> dict[str, Any]:
 def _specs_by_name(family: Family, config: dict[str, Any], names: list[str]) -> dict[str, TensorSpec]:
     """Every tensor of a model with this config, by its name, with its spec."""
     layers = family.sizes(config).layers
-    return {spec.at(layer): spec for spec in family.tensors(config, names)
-            for layer in (range(layers) if spec.per_layer else [None])}
+    specs = {spec.at(layer): spec for spec in family.tensors(config, names)
+             for layer in (range(layers) if spec.per_layer else [None])}
+    # a MoE model in memory holds each layer's experts fused (growkit.arch.moe): each with its expert spec's fan-in
+    specs.update({live: specs[ours] for live, ours in fused_parameter_names(config).items()})
+    return specs
 
 
 def _fan_in(spec: TensorSpec, sizes: Sizes) -> int | None:

@@ -3,8 +3,9 @@
 The default (`none`) keeps metrics.jsonl / metrics.csv / loss.png only. A tracker is checked before training starts
 (accelerate itself would drop one whose package is missing without a word) and gets, per step, the same numbers
 metrics.jsonl holds: loss, learning rate (the schedule's, and one per distinct µP multiplier), gradient norm, tokens
-per second, eval loss; and each `--grow-at` growth. Only the run's options and paths are logged as its
-configuration: never the environment, where tokens and credentials live.
+per second, eval loss, for a mixture of experts its load-balancing loss and each expert's token share; and each
+`--grow-at` growth. Only the run's options and paths are logged as its configuration: never the environment, where
+tokens and credentials live.
 
 `accelerator.end_training()` is not used: it also destroys the process group, which a caller that reuses the
 Accelerator (benchmarks, user code) still needs. The trackers are finished directly instead.
@@ -96,7 +97,10 @@ class RunTrackers:
             return
         values = {"train/loss": row["loss"], "train/learning_rate": row["lr"], "train/grad_norm": row.get("grad_norm"),
                   "train/tokens_per_s": row["tokens_per_s"], "train/epoch": row["epoch"], "eval/loss": row["eval_loss"],
-                  **{f"train/lr/{k}": v for k, v in (row.get("lrs") or {}).items()}}
+                  **{f"train/lr/{k}": v for k, v in (row.get("lrs") or {}).items()},
+                  # mixture-of-experts models (growkit.train.moe): the load-balancing loss and each expert's share
+                  "train/aux_loss": row.get("aux_loss"),
+                  **{f"train/expert_fraction/{e}": f for e, f in enumerate(row.get("expert_fractions") or [])}}
         self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=row["step"])
 
     def log_growths(self, done: list[dict[str, Any]]) -> None:
