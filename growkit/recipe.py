@@ -28,6 +28,7 @@ import json
 import os
 import shlex
 import shutil
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -254,12 +255,28 @@ def _train_options() -> set[str]:
     return named | {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+def _read_float_options(train: dict[str, Any], path: Path) -> None:
+    """PyYAML reads YAML 1.1, where `3e-3` (no dot) is a string, not a number: a float option written so is read
+    as the number it spells, as YAML 1.2 does; a string that spells no number is refused naming the field."""
+    from growkit.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in train.items():
+        hint = hints.get(key)
+        if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
+            try:
+                train[key] = float(value)
+            except ValueError:
+                raise GrowkitError(f"{path}: train.{key}: {value!r} is not a number") from None
+
+
 def _check_train_options(train: dict[str, Any], path: Path) -> None:
     allowed = _train_options()
     for key in train:
         if key not in allowed:
             raise GrowkitError(f"{path}: train.{key}: not an option of growkit.train "
                                f"(options: {', '.join(sorted(allowed))})")
+    _read_float_options(train, path)
     if not train.get("data"):
         raise GrowkitError(f"{path}: train.data: required (files, directories, or stdlib:train)")
     if "report_to" in train:  # a tracker that cannot start is refused before the growth, not after it

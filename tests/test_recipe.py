@@ -268,6 +268,16 @@ def test_unknown_train_option_names_the_field(tmp_path):
         load_recipe(path)
 
 
+def test_float_options_in_exponent_notation_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `3e-3` as a string; the recipe reads it as the number it spells."""
+    path = write(tmp_path, "grow: {width: 2}\ntrain: {data: [x.txt], lr: 3e-3, max_grad_norm: 1e0, steps: 3}\n")
+    train = load_recipe(path).train
+    assert train["lr"] == 0.003 and train["max_grad_norm"] == 1.0 and train["steps"] == 3
+    bad = write(tmp_path, "grow: {width: 2}\ntrain: {data: [x.txt], lr: fast}\n", name="bad.yaml")
+    with pytest.raises(GrowkitError, match=r"^.*bad\.yaml: train\.lr: 'fast' is not a number$"):
+        load_recipe(bad)
+
+
 def test_interrupted_run_says_so(tmp_path, tiny_gpt2):
     """Ctrl-C during a recipe's training step: one line naming the recipe, exit 130, the grow step's output kept."""
     import signal
