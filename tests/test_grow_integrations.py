@@ -6,7 +6,6 @@ small model's run exactly: the per-step losses and the final model's loss match 
 
 from __future__ import annotations
 
-import pytest
 import torch
 import transformers as T
 
