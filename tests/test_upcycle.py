@@ -313,6 +313,37 @@ def test_moe_verify_reads_the_per_expert_layout(tmp_path: Path) -> None:
     assert v["max_abs_dlogits"] <= TOL * v["max_abs_logit"]
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_inspect_measures_each_expert_and_the_router_load(tmp_path: Path, name: str) -> None:
+    """`inspect` on a MoE checkpoint: statistics for every stored tensor (experts, routers, shared expert), one neuron
+    measure per expert (its own three projections, not the layer's experts pooled) and, from the activation pass,
+    each layer's share of the top-k assignments per expert, which matches transformers' own routing."""
+    src = _save_moe(name, tmp_path / "src")
+    report = growkit.inspect(src, permutations=9, plots=False, calibration_tokens=256)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        assert {t.name for t in report.tensors} == set(f.keys())
+    model = AutoModelForCausalLM.from_pretrained(src)
+    config, block = model.config, LAYOUTS[name].block
+    experts = config.num_local_experts if name == "mixtral" else config.num_experts
+    hidden = config.hidden_size
+    expert_ffn = config.intermediate_size if name == "mixtral" else config.moe_intermediate_size
+    ffn_axes = {a.axis: a for a in report.axes if a.kind.startswith("ffn")}
+    assert set(ffn_axes) == {f"ffn[{block.format(layer)[len('model.layers.0.'):]}experts.{e}]@{layer}"
+                             for layer in range(config.num_hidden_layers) for e in range(experts)}
+    assert all((a.neurons, a.tensors, a.feature_dim) == (expert_ffn, 3, 3 * hidden) for a in ffn_axes.values())
+    routing = report.routing
+    assert routing is not None and routing.top_k == config.num_experts_per_tok
+    fractions = torch.tensor(routing.fractions)
+    assert fractions.shape == (config.num_hidden_layers, experts)
+    assert torch.allclose(fractions.sum(1), torch.ones(config.num_hidden_layers, dtype=fractions.dtype))
+    # inspect's random tokens: 256 in rows of max_position_embeddings (64), seed 0
+    tokens = torch.randint(config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=tokens, output_router_logits=True).router_logits
+    picks = [torch.bincount(x.topk(routing.top_k, -1).indices.flatten(), minlength=experts) for x in logits]
+    assert torch.equal(fractions, torch.stack(picks).double() / (256 * routing.top_k))
+
+
 # --- training an upcycled model ---------------------------------------------------------------------------------
 
 def test_train_upcycled_model_with_load_balancing(tmp_path: Path) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from growkit.arch.moe import EXPERTS, MoeSizes
 from growkit.arch.spec import Sizes, TensorSpec
 from growkit.checkpoint.reader import Checkpoint
-from growkit.operators.importance import ModelParts, calibration_ids, token_blocks
+from growkit.operators.importance import block_prefix, calibration_ids, token_blocks
 
 #: A dimension is an outlier where its RMS exceeds this many times the median dimension's RMS at that point.
 OUTLIER_RATIO = 10.0
@@ -50,6 +51,21 @@ class ResidualStream(BaseModel):
     outlier_ratio: float
     outliers: list[OutlierDim]
     rms: list[list[float]]  # [point][dim]
+
+
+class RouterLoad(BaseModel):
+    """Per MoE layer, the share of the (token, top-k slot) assignments each routed expert receives on the tokens of
+    the residual-stream pass: each row sums to 1; a balanced router gives 1/experts everywhere."""
+
+    top_k: int
+    fractions: list[list[float]]  # [layer][expert]
+    max_over_mean: list[float]  # per layer: the busiest expert's share x experts (1 = balanced)
+
+
+def _router_load(counts: torch.Tensor, top_k: int) -> RouterLoad:
+    fractions = counts / counts.sum(dim=1, keepdim=True)
+    return RouterLoad(top_k=top_k, fractions=fractions.tolist(),
+                      max_over_mean=(fractions.amax(dim=1) * counts.shape[1]).tolist())
 
 
 def stream_tokens(ckpt: Checkpoint, calibration: Sequence[str | Path] | None, max_tokens: int, seq_len: int,
@@ -102,13 +118,14 @@ def outliers(rms: torch.Tensor, max_abs: torch.Tensor, labels: list[str],
 @torch.no_grad()
 def residual_stream(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes,
                     calibration: Sequence[str | Path] | None = None, max_tokens: int = DEFAULT_TOKENS,
-                    seed: int = 0, batch_size: int = 4) -> ResidualStream:
-    """Run the checkpoint (fp32, on the CPU) on calibration text or random tokens and measure the stream."""
+                    seed: int = 0, batch_size: int = 4) -> tuple[ResidualStream, RouterLoad | None]:
+    """Run the checkpoint (fp32, on the CPU) on calibration text or random tokens and measure the stream, and, for a
+    MoE model, which experts its routers pick on those tokens (None for a dense model)."""
     from growkit.verify import model_from_checkpoint
 
     tokens, what = stream_tokens(ckpt, calibration, max_tokens, min(256, sizes.positions or 256), sizes.vocab, seed)
     model = model_from_checkpoint(ckpt)
-    prefix = ModelParts.of(specs).block_prefix
+    prefix = block_prefix(specs)
     points = sizes.layers + 1
     sq = torch.zeros(points, sizes.hidden, dtype=torch.float64)
     peak = torch.zeros(points, sizes.hidden)
@@ -129,16 +146,23 @@ def residual_stream(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes,
     blocks = [model.get_submodule(prefix.format(layer)) for layer in range(sizes.layers)]
     handles = [blocks[0].register_forward_pre_hook(before_first, with_kwargs=True)]
     handles += [block.register_forward_hook(after(layer)) for layer, block in enumerate(blocks)]
+    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0) if isinstance(sizes, MoeSizes) else 0
+    picks = torch.zeros(sizes.layers, sizes.axis(EXPERTS) if top_k else 0, dtype=torch.float64)
     try:
         for batch in tokens.split(batch_size):
-            model(input_ids=batch)
+            if not top_k:
+                model(input_ids=batch)
+                continue
+            for layer, logits in enumerate(model(input_ids=batch, output_router_logits=True).router_logits):
+                picks[layer] += torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=picks.shape[1])
     finally:
         for handle in handles:
             handle.remove()
     rms = (sq / tokens.numel()).sqrt().float()
     labels = ["embedding", *(f"block {layer}" for layer in range(sizes.layers))]
-    return ResidualStream(tokens=what, token_count=tokens.numel(), points=labels,
+    stream = ResidualStream(tokens=what, token_count=tokens.numel(), points=labels,
                           median_rms=rms.median(dim=1).values.tolist(), max_rms=rms.max(dim=1).values.tolist(),
                           argmax_dim=rms.argmax(dim=1).tolist(), max_abs=peak.max(dim=1).values.tolist(),
                           outlier_ratio=OUTLIER_RATIO, outliers=outliers(rms, peak, labels),
                           rms=rms.tolist())
+    return stream, (_router_load(picks, top_k) if top_k else None)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from growkit.measure.activations import DEFAULT_TOKENS, ResidualStream
+from growkit.measure.activations import DEFAULT_TOKENS, ResidualStream, RouterLoad
 from growkit.measure.plots import short_name
 from growkit.measure.report import InspectReport, inspect
 
@@ -93,6 +93,17 @@ def outlier_table(stream: ResidualStream) -> Table:
     return table
 
 
+def routing_table(routing: RouterLoad, tokens: str) -> Table:
+    experts = len(routing.fractions[0])
+    table = Table(title=f"router load on {tokens}: each expert's share of the top-{routing.top_k} assignments "
+                        f"(balanced: {1 / experts:.3g})")
+    for col in ("layer", *(f"e{e}" for e in range(experts)), "max / mean"):
+        table.add_column(col, justify="right")
+    for layer, (row, peak) in enumerate(zip(routing.fractions, routing.max_over_mean)):
+        table.add_row(str(layer), *(f"{f:.3f}" for f in row), f"{peak:.3g}")
+    return table
+
+
 def distance_table(report: InspectReport) -> Table:
     table = Table(title=f"distances to {report.compare} ({report.units} units): W1 (relative to the mean) and KS")
     for col in ("tensor", "side", "W1", "W1 rel", "KS", "KS p"):
@@ -138,6 +149,8 @@ def inspect_command(
         if report.residual is not None:
             console.print(residual_table(report.residual))
             console.print(outlier_table(report.residual))
+        if report.routing is not None and report.residual is not None:
+            console.print(routing_table(report.routing, report.residual.tokens))
         if report.compare is not None:
             console.print(distance_table(report))
     for path in report.files:

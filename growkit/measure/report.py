@@ -14,15 +14,16 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from growkit import interrupts
 from growkit.arch.registry import family_for
-from growkit.arch.spec import GROWABLE, PER_LAYER, Sizes, TensorSpec
+from growkit.arch.spec import FFN, GROWABLE, PER_LAYER, Dim, Sizes, TensorSpec
 from growkit.checkpoint.outputs import check_path
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.errors import GrowkitError
-from growkit.measure.activations import DEFAULT_TOKENS, ResidualStream, residual_stream
+from growkit.measure.activations import DEFAULT_TOKENS, ResidualStream, RouterLoad, residual_stream
 from growkit.measure.estimators import DEFAULT_RANK, NeuronPCA, held_out_log_likelihood
 from growkit.measure.features import AxisKey, blocks_of, iter_tensors, key_label
 from growkit.measure.fit import AxisFit
 from growkit.measure.rc import Distance, RCTest, distance, rc_covariance_test
+from growkit.operators.importance import block_prefix
 from growkit.measure.stats import TailStats, TensorStats, matrix_view, tail_stats, tensor_stats
 from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import check_calibration_files
@@ -77,6 +78,7 @@ class InspectReport(BaseModel):
     axes: list[AxisReport]
     origin: dict[str, Any] = Field(default_factory=dict)  # e.g. dequantized from GGUF
     residual: ResidualStream | None = None
+    routing: RouterLoad | None = None  # MoE models: each expert's share of the routed tokens, per layer
     compare: str | None = None
     distances: list[DistanceReport] = Field(default_factory=list)
     files: list[str] = Field(default_factory=list)
@@ -111,13 +113,29 @@ def _open(path: str | Path | Checkpoint, config: Any = None, allow_pickle: bool 
     return path if isinstance(path, Checkpoint) else load_checkpoint(path, config=config, allow_pickle=allow_pickle)
 
 
-def _axis_keys(sizes: Sizes) -> list[AxisKey]:
+def _axis_keys(sizes: Sizes, ffn_kinds: list[str]) -> list[AxisKey]:
     keys: list[AxisKey] = []
     for kind in GROWABLE:
         if sizes.axis(kind) < 2:
             continue
-        keys += [(kind, None)] if kind not in PER_LAYER else [(kind, layer) for layer in range(sizes.layers)]
+        kinds = ffn_kinds if kind == FFN and ffn_kinds else [kind]
+        keys += [(kind, None)] if kind not in PER_LAYER else [(k, layer) for layer in range(sizes.layers) for k in kinds]
     return keys
+
+
+def ffn_instances(specs: list[TensorSpec]) -> dict[str, str]:
+    """{tensor name template: axis kind} where a layer reads its `ffn` axis in several modules (a MoE layer's
+    experts): each module's neurons are their own axis instance, of kind `ffn[<module>]` (e.g. `ffn[mlp.experts.0]`),
+    since neuron j of one expert has nothing to do with neuron j of another. A module whose ffn dim is a product
+    (Qwen2-MoE's shared expert held as blocks of one expert's size) is left out: its rows are not one module's
+    neurons. Empty where each layer has one FFN reader."""
+    prefix = block_prefix(specs)
+    readers = [s.name for s in specs if s.per_layer and Dim((FFN,), "in") in s.dims]
+    if len(readers) < 2:
+        return {}
+    modules = [name[len(prefix) + 1:].rsplit(".", 2)[0] for name in readers]
+    return {s.name: f"{FFN}[{module}]" for module in modules for s in specs
+            if s.per_layer and s.name.startswith(f"{prefix}.{module}.")}
 
 
 def finite_tensors(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes
@@ -185,7 +203,8 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     family = family_for(ckpt.config, ckpt.source)
     sizes = family.sizes(ckpt.config)
     specs = family.tensors(ckpt.config, ckpt.names())
-    keys = _axis_keys(sizes)
+    instances = ffn_instances(specs)
+    keys = _axis_keys(sizes, list(dict.fromkeys(instances.values())))
     fits: dict[AxisKey, AxisFit] = {}  # created on first use, dropped once complete: one layer's Grams at a time
     tensors: list[TensorReport] = []
     samples: dict[str, dict[str, np.ndarray]] = {}
@@ -205,9 +224,13 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
         rc = rc_covariance_test(view[0], permutations, max_dim, seed) if view is not None else None
         tensors.append(TensorReport(**st.model_dump(), rc=rc))
         samples[st.name] = sm
-        for block in blocks_of(x, spec, layer, sizes, set(keys) - set(axes)):
+        for block in blocks_of(x, spec, layer, sizes):
+            if block.key[0] == FFN and instances:
+                if spec.name not in instances:
+                    continue  # a product ffn dim: per-tensor statistics only
+                block.key = (instances[spec.name], layer)
             if block.key not in fits:
-                n = sizes.axis(block.key[0])
+                n = sizes.axis(block.key[0].split("[")[0])
                 fits[block.key] = AxisFit(block.key, n, torch.zeros(n, n, dtype=torch.float64))
             fits[block.key].add(block)
     for key in list(fits):
@@ -217,7 +240,7 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
                            sizes=sizes.as_dict(), units=units, permutations=permutations, max_dim=max_dim, seed=seed,
                            tensors=tensors, axes=[axes[k] for k in keys], origin=ckpt.origin())
     if activations:
-        report.residual = residual_stream(ckpt, specs, sizes, calibration, calibration_tokens, seed)
+        report.residual, report.routing = residual_stream(ckpt, specs, sizes, calibration, calibration_tokens, seed)
     report._samples["source"] = samples
     report._neuron_norms = norms
     if compare is not None:

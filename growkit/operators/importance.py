@@ -63,8 +63,13 @@ class ModelParts:
         norms = [s for s in specs if s.kind == "norm_weight" and s.dims == (Dim((HIDDEN,), "elem"),)]
         ffn_reader = _one(specs, lambda s: s.kind == "weight" and Dim((FFN,), "in") in s.dims, "FFN reader")
         head_reader = _one(specs, lambda s: s.kind == "weight" and Dim(HEAD_AXES, "in") in s.dims, "head reader")
-        name = next(s.name for s in specs if s.per_layer)
-        return cls(norms, ffn_reader, head_reader, name[: name.index("{}") + 2])
+        return cls(norms, ffn_reader, head_reader, block_prefix(specs))
+
+
+def block_prefix(specs: list[TensorSpec]) -> str:
+    """The prefix of a family's per-layer tensor names (e.g. `model.layers.{}`): the name of each block's module."""
+    name = next(s.name for s in specs if s.per_layer)
+    return name[: name.index("{}") + 2]
 
 
 def _one(specs: list[TensorSpec], pred: Any, what: str) -> TensorSpec:
