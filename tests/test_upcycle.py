@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, Qwe
 import growkit
 
 from conftest import MODELS, randomize, save_tiny, tiny_config
-from growkit.arch.moe import LAYOUTS
+from growkit.arch.moe import LAYOUTS, MoeFamily
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.errors import GrowkitError
 from growkit.pipeline import grow, grow_model
@@ -311,6 +312,23 @@ def test_moe_verify_reads_the_per_expert_layout(tmp_path: Path) -> None:
     v = grow(src, tmp_path / "out", width="2x", quiet=True, verify=True).provenance["verification"]
     assert v["missing_keys"] == [] and v["unexpected_keys"] == []
     assert v["max_abs_dlogits"] <= TOL * v["max_abs_logit"]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe-tied"])
+def test_select_shrinks_moe_sources_in_width_and_depth(tmp_path: Path, name: str) -> None:
+    """`shrink --method select` to half the width (hidden, heads, the ffn inside every expert) and one layer: the
+    output loads with no missing or unexpected keys and `--verify` runs it. Its experts have 6 neurons, 24 bytes a
+    row in fp32, which transformers' default expert kernel refuses: verification runs the eager one."""
+    src = _save_moe(name, tmp_path / "src")
+    result = growkit.shrink(src, tmp_path / "out", width="0.5x", layers=1, method="select", verify=True, quiet=True)
+    v = result.provenance["verification"]
+    assert (v["missing_keys"], v["unexpected_keys"], v["experts_implementation"]) == ([], [], "eager")
+    assert all(math.isfinite(v[k]) for k in ("max_abs_dlogits", "source_loss", "grown_loss"))
+    source, shrunk = MOE[name]().to_dict(), json.loads((result.out_dir / "config.json").read_text())
+    ffn_key = LAYOUTS[source["model_type"]].ffn_key
+    assert (shrunk["hidden_size"], shrunk[ffn_key], shrunk["num_attention_heads"], shrunk["num_hidden_layers"]) == (
+        source["hidden_size"] // 2, source[ffn_key] // 2, source["num_attention_heads"] // 2, 1)
+    assert result.provenance["sizes"]["experts"] == [4, 4] and MoeFamily.experts(shrunk) == 4
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
