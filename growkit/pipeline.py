@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from growkit import __version__
 from growkit.apply import ApplyOptions, apply_tensor
+from growkit.arch.moe import expert_kernel_note
 from growkit.arch.registry import family_for
 from growkit.arch.spec import Family, Sizes, TensorSpec, parameter_count, rms_stream
 from growkit.arch.validate import check_source_config, config_problem, size_type_problem
@@ -354,6 +355,9 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
                "base_model": base_model, **dict(operator_options or {}), **growth.operator.settings()}
     provenance = provenance_for(growth, str(src), command, options)
     new_config = _config_with_dtype(growth.config, out_dtype)
+    if (kernel := expert_kernel_note(new_config, out_dtype)) is not None:
+        print(f"growkit: note: {kernel}", file=sys.stderr)
+        provenance["notes"] = [kernel]
     metadata = {"format": "pt", "growkit": json.dumps({k: provenance[k] for k in ("growkit_version", "operator",
                                                                                     "sizes", "options")}),
                 "config": json.dumps(new_config, sort_keys=True)}

@@ -21,7 +21,9 @@ import torch
 
 from growkit import __version__
 from growkit.apply import duplicated_router, expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
-from growkit.arch.moe import DENSE_PROJECTIONS, LAYOUTS, MoeFamily, dense_projection, moe_config
+from growkit.arch.moe import (
+    DENSE_PROJECTIONS, LAYOUTS, MoeFamily, dense_projection, grouped_mm_note, moe_config,
+)
 from growkit.arch.registry import family_for
 from growkit.arch.spec import parameter_count
 from growkit.arch.validate import config_problem
@@ -277,17 +279,6 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
         writer.add_file("growkit.json", json.dumps(provenance, indent=2) + "\n")
         out_dir = writer.commit()
     return UpcycleResult(out_dir=out_dir, provenance=provenance)
-
-
-def grouped_mm_note(expert_ffn: int, dtype: torch.dtype) -> str | None:
-    """transformers 5's default expert kernel on CPU (`grouped_mm`) refuses expert rows whose byte length is not a
-    multiple of 16 ("strides should be multiple of 16 bytes"): such a model loads but does not run until it is loaded
-    with `experts_implementation="eager"`. Said, not refused: the checkpoint itself is right."""
-    if expert_ffn * dtype.itemsize % 16 == 0:
-        return None
-    return (f"experts of {expert_ffn} neurons in {str(dtype).removeprefix('torch.')} are not a multiple of 16 bytes: "
-            "transformers' default grouped_mm expert kernel refuses them; load the model with "
-            "experts_implementation=\"eager\"")
 
 
 def _check_fits(up: Upcycling, out: Path, entries: list[TensorEntry], verify: bool) -> None:

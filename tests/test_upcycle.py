@@ -318,12 +318,15 @@ def test_moe_verify_reads_the_per_expert_layout(tmp_path: Path) -> None:
 def test_select_shrinks_moe_sources_in_width_and_depth(tmp_path: Path, name: str) -> None:
     """`shrink --method select` to half the width (hidden, heads, the ffn inside every expert) and one layer: the
     output loads with no missing or unexpected keys and `--verify` runs it. Its experts have 6 neurons, 24 bytes a
-    row in fp32, which transformers' default expert kernel refuses: verification runs the eager one."""
+    row in fp32 in the Qwen MoEs, which transformers' default expert kernel refuses: growkit says so, and verification
+    runs the eager kernel."""
     src = _save_moe(name, tmp_path / "src")
     result = growkit.shrink(src, tmp_path / "out", width="0.5x", layers=1, method="select", verify=True, quiet=True)
     v = result.provenance["verification"]
     assert (v["missing_keys"], v["unexpected_keys"], v["experts_implementation"]) == ([], [], "eager")
     assert all(math.isfinite(v[k]) for k in ("max_abs_dlogits", "source_loss", "grown_loss"))
+    refused = name != "mixtral"  # Mixtral's experts keep 12 neurons, 48 bytes a row
+    assert ("grouped_mm" in " ".join(result.provenance.get("notes", []))) == refused
     source, shrunk = MOE[name]().to_dict(), json.loads((result.out_dir / "config.json").read_text())
     ffn_key = LAYOUTS[source["model_type"]].ffn_key
     assert (shrunk["hidden_size"], shrunk[ffn_key], shrunk["num_attention_heads"], shrunk["num_hidden_layers"]) == (

@@ -210,6 +210,23 @@ class MoeFamily(LlamaFamily):
         return None  # a bare MoE file needs --config: its tensor names do not say which MoE family it is
 
 
+def grouped_mm_note(expert_ffn: int, dtype: torch.dtype) -> str | None:
+    """transformers 5's default expert kernel on CPU (`grouped_mm`) refuses expert rows whose byte length is not a
+    multiple of 16 ("strides should be multiple of 16 bytes"): such a model loads but does not run until it is loaded
+    with `experts_implementation="eager"`. Said, not refused: the checkpoint itself is right."""
+    if expert_ffn * dtype.itemsize % 16 == 0:
+        return None
+    return (f"experts of {expert_ffn} neurons in {str(dtype).removeprefix('torch.')} are not a multiple of 16 bytes: "
+            "transformers' default grouped_mm expert kernel refuses them; load the model with "
+            "experts_implementation=\"eager\"")
+
+
+def expert_kernel_note(config: dict[str, Any], dtype: torch.dtype) -> str | None:
+    """`grouped_mm_note` for a written config: None unless it is a MoE model whose expert rows the kernel refuses."""
+    layout = LAYOUTS.get(config.get("model_type", ""))
+    return None if layout is None else grouped_mm_note(int(config[layout.ffn_key]), dtype)
+
+
 def fused_parameter_names(config: dict[str, Any]) -> dict[str, str]:
     """{parameter name in a transformers 5 MoE model: the per-expert spec name with the same fan-in}: the fused expert
     tensors (all of a layer's experts in one, `mlp.experts.gate_up_proj` reading `hidden` as each expert's gate_proj
