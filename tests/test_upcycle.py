@@ -365,6 +365,18 @@ def test_inspect_measures_each_expert_and_the_router_load(tmp_path: Path, name: 
     assert torch.equal(fractions, torch.stack(picks).double() / (256 * routing.top_k))
 
 
+def test_inspect_cli_prints_and_writes_the_router_load(tmp_path: Path) -> None:
+    """`growkit inspect` on a MoE checkpoint prints the router-load table and writes it to report.json."""
+    src = _save_moe("qwen3_moe-tied", tmp_path / "src")
+    (run,) = run_cli_batch([["inspect", src, "--out", tmp_path / "report", "--no-plots", "--permutations", "9",
+                             "--calibration-tokens", "128"]], width=1)
+    assert run.returncode == 0, run.stderr
+    routing = json.loads((tmp_path / "report" / "report.json").read_text())["routing"]
+    assert "router load on random tokens" in run.stdout and len(routing["fractions"]) == 2
+    for row in routing["fractions"]:
+        assert abs(sum(row) - 1) < 1e-9 and " │ ".join(f"{f:.3f}" for f in row) in run.stdout
+
+
 # --- training an upcycled model ---------------------------------------------------------------------------------
 
 def test_train_upcycled_model_with_load_balancing(tmp_path: Path) -> None:
