@@ -119,7 +119,10 @@ def _axis_keys(sizes: Sizes, ffn_kinds: list[str]) -> list[AxisKey]:
         if sizes.axis(kind) < 2:
             continue
         kinds = ffn_kinds if kind == FFN and ffn_kinds else [kind]
-        keys += [(kind, None)] if kind not in PER_LAYER else [(k, layer) for layer in range(sizes.layers) for k in kinds]
+        if kind not in PER_LAYER:
+            keys.append((kind, None))
+        else:
+            keys += [(k, layer) for layer in range(sizes.layers) for k in kinds]
     return keys
 
 
@@ -183,8 +186,9 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     """Inspect a checkpoint: per-tensor row/column statistics and RC covariance tests, per-axis neuron measures
     (spectrum, held-out log-likelihood of each estimator, heavy tails of the neuron norms), the residual stream's
     per-dimension RMS on `calibration` text (random tokens without it; skipped with `activations=False`) with its
-    outlier dimensions, and, with `compare`, Wasserstein-1 / KS distances of row-norm, column-norm and entry
-    distributions. With `out`, writes `report.json` and PNG plots there."""
+    outlier dimensions (and, for a MoE model, each layer's router load on those tokens), and, with `compare`,
+    Wasserstein-1 / KS distances of row-norm, column-norm and entry distributions. A MoE layer's experts are
+    measured one by one (`ffn_instances`). With `out`, writes `report.json` and PNG plots there."""
     if units not in ("mf", "sp", "raw"):
         raise GrowkitError(f"--units: expected mf, sp or raw, got {units!r}")
     if permutations < 1:
