@@ -209,6 +209,7 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     specs = family.tensors(ckpt.config, ckpt.names())
     instances = ffn_instances(specs)
     keys = _axis_keys(sizes, list(dict.fromkeys(instances.values())))
+    wanted = set(keys)
     fits: dict[AxisKey, AxisFit] = {}  # created on first use, dropped once complete: one layer's Grams at a time
     tensors: list[TensorReport] = []
     samples: dict[str, dict[str, np.ndarray]] = {}
@@ -233,6 +234,8 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
                 if spec.name not in instances:
                     continue  # a product ffn dim: per-tensor statistics only
                 block.key = (instances[spec.name], layer)
+            if block.key not in wanted or block.key in axes:  # an axis of size 1, or one already reported
+                continue
             if block.key not in fits:
                 n = sizes.axis(block.key[0].split("[")[0])
                 fits[block.key] = AxisFit(block.key, n, torch.zeros(n, n, dtype=torch.float64))
