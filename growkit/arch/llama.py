@@ -8,13 +8,15 @@ from typing import Any
 
 from growkit.arch.spec import (
     FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, VOCAB, Dim, Family, Norm, Sizes, TensorSpec, head, heads_not_in_shapes,
+    linear,
 )
 from growkit.errors import GrowkitError
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
 _KV = (KV_HEADS, HEAD_DIM)
 #: Every norm, Qwen3's per-head q/k norms included, is an RMSNorm reading the one `rms_norm_eps`
-_RMS = Norm("rms", eps_key="rms_norm_eps")
+#: The RMSNorm of the Llama layout (also Phi-3's and OLMo2's): its eps in `rms_norm_eps`
+RMS_NORM = Norm("rms", eps_key="rms_norm_eps")
 
 #: model_type -> (q/k/v always carry a bias, per-head q/k RMSNorm)
 _VARIANTS = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
@@ -52,28 +54,22 @@ class LlamaFamily(Family):
         a, m = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
         hid_in, hid_out = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out")
 
-        def linear(name: str, out: Dim, inp: Dim, bias: bool) -> list[TensorSpec]:
-            specs = [TensorSpec(name + ".weight", (out, inp), per_layer=True)]
-            if bias:
-                specs.append(TensorSpec(name + ".bias", (out,), "bias", per_layer=True))
-            return specs
-
         layer = [
             TensorSpec("model.layers.{}.input_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", per_layer=True,
-                       norm=_RMS),
+                       norm=RMS_NORM),
             *linear(a + "q_proj", Dim(_Q, "out", gated=True), hid_in, qkv_bias),
             *linear(a + "k_proj", Dim(_KV, "out", gated=True), hid_in, qkv_bias),
             *linear(a + "v_proj", Dim(_KV, "out"), hid_in, qkv_bias),
             *linear(a + "o_proj", hid_out, Dim(_Q, "in"), o_bias),
             TensorSpec("model.layers.{}.post_attention_layernorm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight",
-                       per_layer=True, norm=_RMS),
+                       per_layer=True, norm=RMS_NORM),
             *linear(m + "gate_proj", Dim((FFN,), "out", gated=True), hid_in, mlp_bias),
             *linear(m + "up_proj", Dim((FFN,), "out"), hid_in, mlp_bias),
             *linear(m + "down_proj", hid_out, Dim((FFN,), "in"), mlp_bias),
         ]
         if qk_norm:
             layer += [TensorSpec(a + f"{x}_norm.weight", (Dim((HEAD_DIM,), "elem"),), "norm_weight", per_layer=True,
-                                 norm=_RMS)
+                                 norm=RMS_NORM)
                       for x in ("q", "k")]
         return self.around(config, layer)
 
@@ -83,7 +79,7 @@ class LlamaFamily(Family):
         specs = [
             TensorSpec("model.embed_tokens.weight", (Dim((VOCAB,), "elem"), Dim((HIDDEN,), "out")), "embedding"),
             *layer,
-            TensorSpec("model.norm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", final_norm=True, norm=_RMS),
+            TensorSpec("model.norm.weight", (Dim((HIDDEN,), "elem"),), "norm_weight", final_norm=True, norm=RMS_NORM),
         ]
         return specs + head(self.tied(config))
 

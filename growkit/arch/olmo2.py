@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from growkit.arch.llama import LlamaFamily
+from growkit.arch.llama import RMS_NORM, LlamaFamily
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, Limit, Norm, StreamRole, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, Limit, StreamRole, TensorSpec, heads_not_in_shapes,
 )
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
 _KV = (KV_HEADS, HEAD_DIM)
 _Q_NORM = "model.layers.0.self_attn.q_norm.weight"
 _POST_FF_NORM = "model.layers.0.post_feedforward_layernorm.weight"
-_RMS = Norm("rms", eps_key="rms_norm_eps")
 
 
 class Olmo2Family(LlamaFamily):
@@ -43,7 +42,7 @@ class Olmo2Family(LlamaFamily):
             return specs
 
         def norm(name: str, dim: Dim, stream: StreamRole | None) -> TensorSpec:
-            return TensorSpec(name, (dim,), "norm_weight", per_layer=True, stream=stream, norm=_RMS)
+            return TensorSpec(name, (dim,), "norm_weight", per_layer=True, stream=stream, norm=RMS_NORM)
 
         layer = [
             *linear(a + "q_proj", Dim(_Q, "out", normed=True), hid_in, "raw_reader", bias),

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from growkit.arch.llama import LlamaFamily
+from growkit.arch.llama import RMS_NORM, LlamaFamily
 from growkit.arch.spec import (
-    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, Norm, TensorSpec, heads_not_in_shapes,
+    FFN, HEAD_DIM, HIDDEN, KV_HEADS, QGROUP, Dim, Family, TensorSpec, heads_not_in_shapes,
 )
 
 _Q = (KV_HEADS, QGROUP, HEAD_DIM)
 _KV = (KV_HEADS, HEAD_DIM)
 _QKV = "model.layers.0.self_attn.qkv_proj.weight"
-_RMS = Norm("rms", eps_key="rms_norm_eps")
 
 
 class Phi3Family(LlamaFamily):
@@ -27,12 +26,12 @@ class Phi3Family(LlamaFamily):
         a, m = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
         hid_in, hid_out, hid_e = Dim((HIDDEN,), "in"), Dim((HIDDEN,), "out"), (Dim((HIDDEN,), "elem"),)
         layer = [
-            TensorSpec("model.layers.{}.input_layernorm.weight", hid_e, "norm_weight", per_layer=True, norm=_RMS),
+            TensorSpec("model.layers.{}.input_layernorm.weight", hid_e, "norm_weight", per_layer=True, norm=RMS_NORM),
             TensorSpec(a + "qkv_proj.weight", (Dim.concat((_Q, _KV, _KV), "out", gated=(0, 1)), hid_in),
                        per_layer=True),
             TensorSpec(a + "o_proj.weight", (hid_out, Dim(_Q, "in")), per_layer=True),
             TensorSpec("model.layers.{}.post_attention_layernorm.weight", hid_e, "norm_weight", per_layer=True,
-                       norm=_RMS),
+                       norm=RMS_NORM),
             TensorSpec(m + "gate_up_proj.weight", (Dim.concat(((FFN,), (FFN,)), "out", gated=(0,)), hid_in),
                        per_layer=True),
             TensorSpec(m + "down_proj.weight", (hid_out, Dim((FFN,), "in")), per_layer=True),
