@@ -165,13 +165,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun_command(nproc: int, *args: str | Path) -> list[str]:
+    """`torchrun --nproc_per_node N -m growkit.cli ARGS` on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), "-m", "growkit.cli", *map(str, args)]
+
+
 def start_torchrun_paused(point: str, marker: Path, nproc: int, *args: str | Path
                           ) -> tuple[subprocess.Popen[str], dict[int, int]]:
     """`torchrun --nproc_per_node N -m growkit.cli ARGS` whose every process waits at `point`; returns once all are
     there, with each rank's pid. A rank goes on once its marker (MARKER.rank<N>) is removed, or it gets a signal."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), "-m", "growkit.cli", *map(str, args)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    proc = subprocess.Popen(torchrun_command(nproc, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=cli_env(**{PAUSE_ENV: f"{point}:{marker}", "OMP_NUM_THREADS": "1"}),
                             preexec_fn=_child_setup)
     markers = {rank: Path(f"{marker}.rank{rank}") for rank in range(nproc)}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,8 @@ from safetensors.torch import load_file
 import growkit
 from cli_util import error_line, run_cli_batch
 from growkit.errors import GrowkitError
-from test_train import ENV, _free_port, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
+from cli_util import torchrun_command
+from test_train import ENV, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
 
 # 4 steps of 2 processes x 2 micro-steps x 1 sequence == one process x 2 micro-steps x 2 sequences. Clipping at 0.1
 # changes these losses by up to 5e-4 (at 1.0 it would not act), so each engine must clip as one process does.
@@ -43,9 +43,7 @@ def one_process(tmp_path_factory, grown, corpus) -> Path:  # noqa: F811
 
 
 def torchrun(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), "-m", "growkit.cli", "train", *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    return subprocess.run(torchrun_command(2, "train", *args), capture_output=True, text=True, env=ENV, timeout=600)
 
 
 def assert_loads_cleanly(directory: Path) -> None:

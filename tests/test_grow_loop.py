@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 import growkit
 from growkit.errors import GrowkitError
-from test_train import ENV, _cli, _free_port, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
+from cli_util import torchrun_command
+from test_train import ENV, _cli, corpus, fresh_checkpoint, losses  # noqa: F401 (corpus: fixture)
 
 GROW = ["4:width=2x,untie-head=yes,freeze=old", "8:layers=2x,depth-method=identity"]
 # max_grad_norm: every step clipped, so a resumed run must also restore the clip's factors after a growth.
@@ -81,9 +81,8 @@ def test_two_processes_grow_identically_and_match_one_process(tmp_path, corpus):
     src = fresh_checkpoint(tmp_path / "small", "llama")
     args = ["--data", str(corpus["train"]), "--steps", "6", "--lr", "2e-3", "--seq-len", "64", "--seed", "1", "-q",
             "--grow-at", "3:width=2x,noise=20"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), "-m", "growkit.cli", "train", str(src), "-o", str(tmp_path / "ddp"),
-                        "--batch-size", "2", *args], capture_output=True, text=True, env=ENV, timeout=240)
+    r = subprocess.run(torchrun_command(2, "train", src, "-o", tmp_path / "ddp", "--batch-size", "2", *args),
+                       capture_output=True, text=True, env=ENV, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "training.json").read_text())
     assert summary["processes"] == 2 and summary["growths"][0]["step"] == 3

@@ -15,7 +15,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 import growkit
-from cli_util import free_port as _free_port, start_paused  # _free_port: test_grow_loop's too
+from cli_util import start_paused, torchrun_command
 from growkit.errors import GrowkitError
 from growkit.train.blocks import BlockSampler, TokenBlocks, load_blocks
 from growkit.train.data import stdlib_files, write_stdlib_corpus
@@ -189,9 +189,8 @@ def test_two_processes_shard_data_and_match_one_process(tmp_path, corpus):
     src = fresh_checkpoint(tmp_path / "small", "gpt2")
     grown = growkit.grow(src, tmp_path / "grown", width=2, method="clone", noise_snr_db=20, quiet=True).out_dir
     args = ["--data", str(corpus["train"]), "--steps", "6", "--lr", "2e-3", "--seq-len", "64", "--seed", "1", "-q"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), "-m", "growkit.cli", "train", str(grown), "-o", str(tmp_path / "ddp"),
-                        "--batch-size", "2", *args], capture_output=True, text=True, env=ENV, timeout=240)
+    r = subprocess.run(torchrun_command(2, "train", grown, "-o", tmp_path / "ddp", "--batch-size", "2", *args),
+                       capture_output=True, text=True, env=ENV, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "training.json").read_text())
     assert summary["processes"] == 2 and summary["mup"] is True and "growkit.json" in summary["mup_base"]
