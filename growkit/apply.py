@@ -480,9 +480,10 @@ def router_tensor(plan: UpcyclePlan, layer: int, std: float, seed: int) -> torch
     return rows[torch.tensor(plan.router_groups)].contiguous()
 
 
-def duplicated_router(x: torch.Tensor, plan: UpcyclePlan) -> torch.Tensor:
-    """A MoE source's router with each row repeated for every copy of its expert (`plan.router_groups`)."""
-    return x.index_select(0, torch.tensor(plan.router_groups)).contiguous()
+def selected_router(x: torch.Tensor, plan: UpcyclePlan, layer: int) -> torch.Tensor:
+    """A MoE source's router with the row of each new expert's source expert (`plan.layer_sources`): rows repeated
+    for copies of an expert, left out for dropped ones."""
+    return x.index_select(0, torch.tensor(plan.layer_sources[layer])).contiguous()
 
 
 def shared_gate_tensor(plan: UpcyclePlan) -> torch.Tensor:

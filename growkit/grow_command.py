@@ -14,7 +14,7 @@ from rich.table import Table
 from growkit.arch.spec import parameter_count
 from growkit.checkpoint.reader import load_checkpoint
 from growkit.operators.depth import DEPTH_METHODS
-from growkit.errors import Interrupted
+from growkit.errors import GrowkitError, Interrupted
 from growkit.pipeline import Growth, default_output, grow, plan_growth
 
 Opt = typer.Option
@@ -35,6 +35,12 @@ OverwriteOpt = Annotated[bool, Opt(help="Replace OUT if it exists")]
 DryRunOpt = Annotated[bool, Opt("--dry-run", help="Print the plan and write nothing")]
 AllowPickleOpt = Annotated[bool, Opt("--allow-pickle", help="Load pytorch_model.bin (weights_only)")]
 QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress bar")]
+ExpertsOpt = Annotated[Optional[int], Opt("--experts", help="MoE models: routed experts per layer (alone, without "
+                                                          "size options)")]
+TopKOpt = Annotated[Optional[int], Opt("--top-k", help="With --experts: experts per token (default: the one that "
+                                                      "keeps the function where that exists, else the source's)")]
+#: The size options `--experts` cannot be combined with in one call.
+SIZE_OPTIONS = ("width", "hidden", "ffn", "heads", "kv_heads", "layers")
 
 
 def plan_table(growth: Growth, title: str) -> Table:
@@ -87,6 +93,37 @@ def run_resize(src: Path, out: Optional[Path], dry_run: bool, quiet: bool, verif
         print(verification_line(result.provenance["verification"]))
 
 
+def experts_alone(src: Path, experts: int | None, top_k: int | None, options: dict[str, Any],
+                  defaults: dict[str, Any]) -> None:
+    """`--experts` changes the number of experts and nothing else (its own plan and writer, `growkit.upcycle`):
+    a size option or a non-default option of the width operators beside it is refused, not ignored."""
+    if experts is None:
+        if top_k is not None:
+            raise GrowkitError(f"{src}: --top-k goes with --experts")
+        return
+    given = [k for k in SIZE_OPTIONS if options.get(k) is not None]
+    given += [k for k, v in defaults.items() if options.get(k, v) != v]
+    if given:
+        raise GrowkitError(f"{src}: --experts cannot be combined with --{given[0].replace('_', '-')} in one call: "
+                           "run two commands, one for the experts and one for the rest")
+
+
+def run_experts(src: Path, out: Optional[Path], quiet: bool, verify: bool, **options: Any) -> None:
+    """`grow --experts` / `shrink --experts` on the command line: write, then one line of what was written."""
+    from growkit.upcycle import change_experts
+
+    result = change_experts(src, out, quiet=quiet, verify=verify, command=shlex.join(["growkit", *sys.argv[1:]]),
+                            **options)
+    p = result.provenance
+    if not quiet:
+        kept = p.get("experts_kept")
+        print(f"wrote {result.out_dir} ({p['target']['experts']} experts, top-{p['target']['top_k']}"
+              + (f", kept by {kept['ranked_by']}" if kept else "")
+              + f"; exact at step 0: {'yes' if p['exact_at_step_0'] else 'no'})")
+    if p["verification"]:
+        print(verification_line(p["verification"]))
+
+
 def grow_command(
     src: SrcArg,
     out: Annotated[Optional[Path], Opt("--out", "-o", help="Output directory (default: SRC-grown beside SRC)")] = None,
@@ -114,8 +151,21 @@ def grow_command(
     allow_pickle: AllowPickleOpt = False,
     allow_nonfinite: Annotated[bool, Opt("--allow-nonfinite", help="Grow weights with NaN/Inf")] = False,
     quiet: QuietOpt = False,
+    experts: ExpertsOpt = None,
+    top_k: TopKOpt = None,
 ) -> None:
-    """Grow a checkpoint in width and/or depth, streamed tensor by tensor into a new Hugging Face checkpoint."""
+    """Grow a checkpoint in width and/or depth, streamed tensor by tensor into a new Hugging Face checkpoint; a MoE
+    checkpoint's experts with --experts (each copied, as `growkit upcycle` does)."""
+    experts_alone(src, experts, top_k, dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                                            layers=layers, method=method, depth_method=depth_method,
+                                            noise_snr_db=noise_snr_db, estimator=estimator, sampling=sampling,
+                                            dry_run=dry_run, allow_nonfinite=allow_nonfinite, base_model=base_model),
+                  dict(method="clone", depth_method="stack", noise_snr_db=None, estimator=None, sampling=None,
+                       dry_run=False, allow_nonfinite=False, base_model=None))
+    if experts is not None:
+        run_experts(src, out, quiet, verify, experts=experts, direction="grow", top_k=top_k, seed=seed, dtype=dtype,
+                    max_shard_size=max_shard_size, overwrite=overwrite, config=config, allow_pickle=allow_pickle)
+        return
     operator_options = {k: v for k, v in dict(estimator=estimator, sampling=sampling).items() if v is not None}
     options = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
                    depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed, dtype=dtype,

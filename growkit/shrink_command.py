@@ -15,11 +15,14 @@ import typer
 
 from growkit.errors import GrowkitError
 from growkit.grow_command import (
-    AllowPickleOpt, BaseModelOpt, ConfigOpt, DryRunOpt, DtypeOpt, EstimatorOpt, FfnOpt, HeadsOpt, HiddenOpt,
-    KvHeadsOpt, OverwriteOpt, QuietOpt, SeedOpt, ShardSizeOpt, SrcArg, run_resize,
+    AllowPickleOpt, BaseModelOpt, ConfigOpt, DryRunOpt, DtypeOpt, EstimatorOpt, ExpertsOpt, FfnOpt, HeadsOpt,
+    HiddenOpt, KvHeadsOpt, OverwriteOpt, QuietOpt, SeedOpt, ShardSizeOpt, SrcArg, TopKOpt, experts_alone, run_experts,
+    run_resize,
 )
+from growkit.operators.experts import ExpertRanking
 from growkit.operators.shrink import FANIN_SITES, RESCALE_CHOICES, default_rescale
 from growkit.pipeline import GrowResult, grow
+from growkit.upcycle import UpcycleResult, change_experts
 
 Opt = typer.Option
 SHRINK_METHODS = "subclone | select | rc-sample"
@@ -55,6 +58,19 @@ def shrink_options(method: str, calibration: list[str | Path] | str | Path | Non
     return options
 
 
+def expert_ranking(src: Path, experts: int | None, top_k: int | None, method: str, options: Mapping[str, Any],
+                   given: dict[str, Any]) -> ExpertRanking:
+    """How `shrink --experts` ranks experts: `--method subclone` (its calibration options) or `select`; every other
+    option is refused beside --experts rather than ignored."""
+    experts_alone(src, experts, top_k, given, dict(rescale=None, estimator=None, allow_nonfinite=False,
+                                                    base_model=None, dry_run=False))
+    if method not in ("subclone", "select"):
+        raise GrowkitError(f"{src}: --experts ranks experts with --method subclone (importance) or select (strided), "
+                           f"not {method}")
+    return ExpertRanking(method, list(options.get("calibration") or []), options.get("tokenizer"),
+                         int(options.get("calibration_tokens") or 8192))
+
+
 def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float | None = None,
            hidden: int | None = None, ffn: int | None = None, heads: int | None = None, kv_heads: int | None = None,
            layers: str | int | None = None, method: str = "subclone",
@@ -64,8 +80,14 @@ def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float
            dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
            quiet: bool = False, config: str | Path | Mapping[str, Any] | None = None, verify: bool = False,
            allow_pickle: bool = False, allow_nonfinite: bool = False, base_model: str | None = None,
-           command: str | None = None, operator_options: Mapping[str, Any] | None = None) -> GrowResult:
+           command: str | None = None, operator_options: Mapping[str, Any] | None = None,
+           experts: int | None = None, top_k: int | None = None) -> GrowResult | UpcycleResult:
     """Shrink the checkpoint at `src` into a new checkpoint directory (default `SRC-shrunk` beside it).
+
+    `experts` (a MoE model, alone): keep that many routed experts per layer (`growkit.operators.experts`): exactly
+    where the dropped ones are copies of kept ones, else the most important (subclone: the routed weight and output
+    each expert gets on the calibration text, weight norms without; select: evenly strided), announced as inexact.
+    `top_k` goes with it (default: the one that keeps copies exact, else the source's).
 
     `calibration`: text files for activation importance (subclone); without them subclone ranks by weight norms.
     `rescale`: subclone's scale correction, "auto" | "none" | "norm" | "fanin" | "fanin:SITES"; the default is
@@ -75,6 +97,14 @@ def shrink(src: str | Path, out: str | Path | None = None, *, width: str | float
     `estimator`: rc-sample's fitted measure (where that operator is installed).
     """
     options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator, operator_options)
+    if experts is not None or top_k is not None:
+        ranking = expert_ranking(Path(src), experts, top_k, method, options,
+                                 dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                                      layers=layers, rescale=rescale, estimator=estimator,
+                                      allow_nonfinite=allow_nonfinite, base_model=base_model))
+        return change_experts(src, out, experts=experts or 0, direction="shrink", top_k=top_k, ranking=ranking,
+                              seed=seed, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                              quiet=quiet, config=config, verify=verify, allow_pickle=allow_pickle, command=command)
     return grow(src, out, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                 method=method, depth_method=None, seed=seed, dtype=dtype,  # type: ignore[arg-type]
                 max_shard_size=max_shard_size, overwrite=overwrite, quiet=quiet, config=config, verify=verify,
@@ -112,9 +142,21 @@ def shrink_command(
     allow_pickle: AllowPickleOpt = False,
     allow_nonfinite: Annotated[bool, Opt("--allow-nonfinite", help="Shrink weights with NaN/Inf")] = False,
     quiet: QuietOpt = False,
+    experts: ExpertsOpt = None,
+    top_k: TopKOpt = None,
 ) -> None:
-    """Shrink a checkpoint in width and/or depth (subclone: keep the most important neurons, heads and blocks)."""
+    """Shrink a checkpoint in width and/or depth (subclone: keep the most important neurons, heads and blocks), or a
+    MoE checkpoint's experts with --experts (the most important, or exactly where they are copies)."""
     operator_options = shrink_options(method, calibration, tokenizer, calibration_tokens, rescale, estimator)
+    if experts is not None or top_k is not None:
+        ranking = expert_ranking(src, experts, top_k, method, operator_options,
+                                 dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads,
+                                      layers=layers, rescale=rescale, estimator=estimator,
+                                      allow_nonfinite=allow_nonfinite, base_model=base_model, dry_run=dry_run))
+        run_experts(src, out, quiet, verify, experts=experts, direction="shrink", top_k=top_k, ranking=ranking,
+                    seed=seed, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, config=config,
+                    allow_pickle=allow_pickle)
+        return
     options = dict(width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, method=method,
                    depth_method=None, seed=seed, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                    base_model=base_model, allow_nonfinite=allow_nonfinite, direction="shrink",

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from growkit import __version__
-from growkit.apply import duplicated_router, expert_tensor, router_tensor, shared_gate_tensor, shared_tensor
+from growkit.apply import expert_tensor, router_tensor, selected_router, shared_gate_tensor, shared_tensor
 from growkit.arch.moe import (
-    DENSE_PROJECTIONS, LAYOUTS, MoeFamily, dense_projection, grouped_mm_note, moe_config,
+    DENSE_PROJECTIONS, EXPERTS, LAYOUTS, MoeFamily, dense_projection, grouped_mm_note, moe_config,
 )
 from growkit.arch.registry import family_for
 from growkit.arch.spec import parameter_count
@@ -31,11 +31,13 @@ from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size
 from growkit.errors import GrowkitError
+from growkit.operators.experts import ExpertRanking, plan_selection, read_layer_experts
 from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest, plan_duplication, plan_upcycle
 from growkit.pipeline import (
-    Growth, all_finite, check_seed, clean_temporaries, config_errors, input_paths, parse_dtype, plan_growth,
-    write_weights_and_config,
+    Growth, all_finite, check_seed, clean_temporaries, config_errors, default_output, input_paths, parse_dtype,
+    plan_growth, write_weights_and_config,
 )
+from growkit.plan import Direction
 from growkit.resources import check_disk, check_memory
 from growkit.verify import verify_growth
 
@@ -104,7 +106,7 @@ class Upcycling:
             if kind == "copy":
                 y = x
             elif kind == "router_rows":
-                y = duplicated_router(x, self.plan)
+                y = selected_router(x, self.plan, layer)
             elif kind == "expert":
                 y = expert_tensor(x, spec, layer, self.plan, what[2], sizes, self.seed)
             else:
@@ -125,8 +127,13 @@ class Upcycling:
                 "source": parameter_count(self.growth.specs, self.growth.plan.source)}
 
 
-class ExpertDuplication(Upcycling):
-    """A MoE source with more experts: each new expert and router row a copy of a source one (`plan_duplication`)."""
+@dataclass
+class ExpertSelection(Upcycling):
+    """A MoE source with more or fewer experts: each new expert and its router row a copy of a source one, per layer
+    (`plan.layer_sources`: copies from `plan_duplication`, a subset from `plan_selection`)."""
+
+    #: fewer experts: how the kept ones were chosen ("copies", "activations", "weights" or "strided")
+    ranked: str | None = None
 
     def entries(self, dtype: torch.dtype) -> list[tuple[TensorEntry, str, Any]]:
         plan, sizes = self.plan, self.growth.plan.source
@@ -148,7 +155,7 @@ class ExpertDuplication(Upcycling):
                     out.append((TensorEntry(spec.at(layer), shape, dtype), "copy", (spec, layer)))
             for e in range(plan.request.experts if layer is not None else 0):
                 for projection in DENSE_PROJECTIONS:
-                    spec = experts[(plan.router_groups[e], projection)]
+                    spec = experts[(plan.layer_sources[layer][e], projection)]
                     shape = sizes.shape(spec)
                     out.append((TensorEntry(layout.expert(e, projection).format(layer), shape, dtype), "expert",
                                 (spec, layer, e)))
@@ -179,24 +186,36 @@ def plan_upcycling(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0) -> 
     return Upcycling(growth=growth, plan=plan, config=new_config, router_std=std, seed=seed)
 
 
-def plan_expert_growth(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0) -> ExpertDuplication:
-    """More experts for a MoE checkpoint, checked and decided before any weight is read."""
+def plan_expert_count(ckpt: Checkpoint, request: UpcycleRequest, seed: int = 0,
+                      ranking: ExpertRanking | None = None) -> ExpertSelection:
+    """More experts for a MoE checkpoint (copies, decided before any weight is read), or fewer (`ranking`: how
+    experts are ranked where keeping copies is not exact; reads the routers and experts, and with calibration text
+    runs the source model)."""
     check_seed(seed)
     growth = plan_growth(ckpt)
     config = ckpt.config
     layout = LAYOUTS[ckpt.model_type]
     source = growth.plan.source
+    experts, top_k = source.axis(EXPERTS), int(config["num_experts_per_tok"])
+    ranked = None
     try:
-        plan = plan_duplication(layout, source, source.axis("experts"), int(config["num_experts_per_tok"]), request)
+        if ranking is None:
+            plan = plan_duplication(layout, source, experts, top_k, request)
+        else:
+            layers = [read_layer_experts(ckpt, layout, layer, experts) for layer in range(source.layers)]
+            normalised = layout.topk_norm_key is None or bool(config.get(layout.topk_norm_key))
+            rank = None if ranking.method == "select" else lambda: ranking.scores(ckpt, layout, source, layers)
+            plan, by_copies = plan_selection(layout, source, experts, top_k, normalised, request, layers, rank)
+            ranked = "copies" if by_copies else ranking.used
     except GrowkitError as exc:
         raise GrowkitError(f"{ckpt.source}: {exc}") from None
-    new_config = dict(config, num_experts_per_tok=request.top_k)
+    new_config = dict(config, num_experts_per_tok=plan.request.top_k)
     for key in {layout.experts_key, "num_local_experts"} & (set(config) | {layout.experts_key}):
-        new_config[key] = request.experts
+        new_config[key] = plan.request.experts
     problem = config_problem(family_for(new_config), new_config)
     if problem is not None:
         raise GrowkitError(f"{ckpt.source}: the {layout.model_type} config would not load: {problem}")
-    return ExpertDuplication(growth=growth, plan=plan, config=new_config, router_std=0.0, seed=seed)
+    return ExpertSelection(growth=growth, plan=plan, config=new_config, router_std=0.0, seed=seed, ranked=ranked)
 
 
 def _provenance(up: Upcycling, src: Path, command: str | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -249,18 +268,70 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
     out = Path(out) if out is not None else src.parent / f"{src.stem if src.is_file() else src.resolve().name}-moe"
     check_output(out, input_paths(src, config, None), overwrite)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
-    moe_source = isinstance(ckpt.config.get("model_type"), str) and ckpt.config["model_type"] in LAYOUTS
+    moe_source = is_moe(ckpt)
     if top_k is None and moe_source:  # the top-k that keeps a duplication exact (plan_duplication)
         with config_errors(ckpt.source):
             top_k = int(ckpt.config["num_experts_per_tok"]) * max(1, experts // MoeFamily.experts(ckpt.config))
     request = UpcycleRequest(experts=experts, top_k=top_k or 2, to=to, granularity=granularity,
                              shared_experts=shared_experts, router=router, router_std=router_std,
                              expert_noise_db=expert_noise, reinit_ratio=reinit_ratio, normalise_topk=norm_topk_prob)
-    up = plan_expert_growth(ckpt, request, seed) if moe_source else plan_upcycling(ckpt, request, seed)
+    up = plan_expert_count(ckpt, request, seed) if moe_source else plan_upcycling(ckpt, request, seed)
+    return _write(up, src, out, "upcycle", command, asked_dtype, shard_bytes, overwrite, verify)
+
+
+def is_moe(ckpt: Checkpoint) -> bool:
+    return isinstance(ckpt.config.get("model_type"), str) and ckpt.config["model_type"] in LAYOUTS
+
+
+def change_experts(src: str | Path, out: str | Path | None = None, *, experts: int, direction: Direction,
+                   top_k: int | None = None, ranking: ExpertRanking | None = None, seed: int = 0,
+                   dtype: str | torch.dtype | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
+                   quiet: bool = False, config: str | Path | Mapping[str, Any] | None = None, verify: bool = False,
+                   allow_pickle: bool = False, command: str | None = None) -> UpcycleResult:
+    """`grow --experts N` and `shrink --experts N` of a MoE checkpoint (default output SRC-grown / SRC-shrunk).
+
+    Growing copies each expert N / E times, as `upcycle` does for a MoE source (top-k default: the source's times
+    the copies, exact). Shrinking keeps N experts per layer (`growkit.operators.experts`): exactly where the experts
+    are copies or interchangeable, else the most important by `ranking` (default: subclone's, activations on its
+    calibration text or weight norms), announced as not exact and recorded in growkit.json with how they were chosen.
+    """
+    src = Path(src)
+    shard_bytes = parse_size(max_shard_size)
+    check_seed(seed)
+    asked_dtype = parse_dtype(dtype)
+    out = Path(out) if out is not None else default_output(src, direction)
+    check_output(out, input_paths(src, config, None), overwrite)
+    ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
+    if not is_moe(ckpt):
+        raise GrowkitError(f"{ckpt.source}: --experts: a {ckpt.model_type} model has no routed experts (growkit "
+                           "upcycle makes a mixture of experts from a dense model)")
+    with config_errors(ckpt.source):
+        source_experts, source_top_k = MoeFamily.experts(ckpt.config), int(ckpt.config["num_experts_per_tok"])
+    if (experts < source_experts) != (direction == "shrink") or experts == source_experts:
+        what = "more" if direction == "grow" else "fewer"
+        raise GrowkitError(f"{ckpt.source}: {direction} --experts {experts}: the model has {source_experts} experts; "
+                           f"give {what}")
+    if direction == "grow":
+        top_k = top_k if top_k is not None else source_top_k * max(1, experts // source_experts)
+        request = UpcycleRequest(experts=experts, top_k=top_k)
+        up = plan_expert_count(ckpt, request, seed)
+    else:
+        request = UpcycleRequest(experts=experts, top_k=top_k or 0)
+        up = plan_expert_count(ckpt, request, seed, ranking or ExpertRanking("subclone"))
+    return _write(up, src, out, direction, command, asked_dtype, shard_bytes, overwrite, verify)
+
+
+def _write(up: Upcycling, src: Path, out: Path, kind: str, command: str | None, asked_dtype: torch.dtype | None,
+           shard_bytes: int, overwrite: bool, verify: bool) -> UpcycleResult:
+    """Announce what is not exact, then stream the planned tensors, config and growkit.json into `out` (atomic)."""
+    ckpt, seed = up.growth.ckpt, up.seed
     out_dtype = asked_dtype or ckpt.storage_dtype()
     for note in up.plan.notes:
         print(f"growkit: note: not exact at step 0: {note}", file=sys.stderr)
     provenance = _provenance(up, src, command, out_dtype)
+    provenance["kind"] = kind
+    if isinstance(up, ExpertSelection) and up.ranked is not None:
+        provenance["experts_kept"] = {"ranked_by": up.ranked, "per_layer": up.plan.layer_sources}
     if (kernel := grouped_mm_note(up.plan.expert_ffn, out_dtype)) is not None:
         print(f"growkit: note: {kernel}", file=sys.stderr)
         provenance["notes"] = [kernel]

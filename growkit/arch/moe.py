@@ -274,3 +274,10 @@ def fused_experts(config: dict[str, Any], tensors: Iterator[tuple[str, torch.Ten
             del pending[layer]
     yield from ((f"{layout.block.format(layer)}experts.{e}.{p}.weight", t)
                 for layer, got in pending.items() for (e, p), t in got.items())  # incomplete: reported as unexpected
+
+
+def expert_modules(config: dict[str, Any]) -> list[str]:
+    """Each layer's fused expert module in a transformers 5 MoE model (`model.layers.L.mlp.experts`, called with the
+    hidden states, each token's top-k expert indices and weights), in layer order."""
+    return [name.removesuffix(".down_proj") for name in fused_parameter_names(config)
+            if name.endswith(".experts.down_proj")]

@@ -303,3 +303,90 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
                       blocks=block_update / block_stream.clamp(min=1e-30), hidden_energy=hidden_energy, ffn_energy=ffn_energy,
                       head_energy=[h / count for h in head_sq],
                       norm_share={s: v / count for s, v in norm_share.items()})
+
+
+# --- routed experts: what each expert, and each of its neurons, writes into the stream -----------------------------
+
+@dataclass
+class ExpertActivity:
+    """Routed experts on calibration tokens, per layer: `score` [layers, experts] is mean_t w_te ||f_e(x_t)||, the
+    share of routed weight expert e receives times the (routing-weighted) mean norm of its output; `neurons` and
+    `energy` [layers, experts, ffn] are each expert neuron's mean_t |w_te a_tej| ||w_ej|| and its square's mean, the
+    dense FFN neuron's measure with the routing weight in (zero where the token is not routed to e)."""
+
+    score: torch.Tensor
+    neurons: torch.Tensor
+    energy: torch.Tensor
+
+
+def _expert_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states, top-k expert indices, top-k weights) of a call to transformers' fused expert module."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    got = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
+    return got[0], got[1], got[2]
+
+
+class ExpertRecorder:
+    """Hooks on each layer's fused expert module (`growkit.arch.moe.expert_modules`) that recompute every routed
+    expert's SwiGLU on the tokens routed to it, from the module's own 3-D weights: transformers 5 has no per-expert
+    down projection to hook, and recomputing works whatever expert kernel the model runs."""
+
+    def __init__(self, model: Any, modules: list[str], experts: int, ffn: int) -> None:
+        layers = len(modules)
+        self.score = torch.zeros(layers, experts, dtype=torch.float64)
+        self.neurons = torch.zeros(layers, experts, ffn, dtype=torch.float64)
+        self.squares = torch.zeros(layers, experts, ffn, dtype=torch.float64)
+        self.tokens = 0
+        self.modules = [model.get_submodule(m) for m in modules]
+        for m in self.modules:
+            if tuple(m.down_proj.shape) != (experts, m.down_proj.shape[1], ffn):
+                raise GrowkitError(f"expert module {type(m).__name__}: down_proj {tuple(m.down_proj.shape)} is not "
+                                   f"[{experts}, hidden, {ffn}]")
+        self.handles = [m.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+                        for layer, m in enumerate(self.modules)]
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            x, index, weights = _expert_inputs(args, kwargs)
+            x = x.reshape(-1, x.shape[-1]).float()
+            if layer == 0:
+                self.tokens += x.shape[0]
+            for e in range(self.score.shape[1]):
+                token, slot = (index == e).nonzero(as_tuple=True)
+                if token.numel() == 0:
+                    continue
+                gate, up = torch.nn.functional.linear(x[token], module.gate_up_proj[e].float()).chunk(2, dim=-1)
+                a = module.act_fn(gate) * up * weights[token, slot].float()[:, None]
+                out = torch.nn.functional.linear(a, module.down_proj[e].float())
+                self.score[layer, e] += float(out.norm(dim=-1).sum())
+                self.neurons[layer, e] += a.abs().sum(0).double()
+                self.squares[layer, e] += (a**2).sum(0).double()
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def activity(self) -> ExpertActivity:
+        """The means over every token seen, neuron sizes times their down_proj column norms."""
+        n = max(self.tokens, 1)
+        w = torch.stack([m.down_proj.detach().float().norm(dim=1) for m in self.modules]).double()  # [L, E, ffn]
+        return ExpertActivity(score=(self.score / n).float(), neurons=(self.neurons / n * w).float(),
+                              energy=(self.squares / n * w**2).float())
+
+
+@torch.no_grad()
+def expert_activity(ckpt: Checkpoint, sizes: Sizes, experts: int, tokens: torch.Tensor,
+                    batch_size: int = 8) -> ExpertActivity:
+    """Run the source MoE model on calibration tokens and measure its routed experts (`ExpertRecorder`)."""
+    from growkit.arch.moe import expert_modules
+    from growkit.verify import model_from_checkpoint
+
+    model = model_from_checkpoint(ckpt)
+    recorder = ExpertRecorder(model, expert_modules(ckpt.config), experts, sizes.ffn)
+    try:
+        for batch in tokens.split(batch_size):
+            model.base_model(input_ids=batch, use_cache=False)
+    finally:
+        recorder.remove()
+    return recorder.activity()

@@ -72,6 +72,8 @@ class UpcyclePlan:
     router_groups: list[int]  # the copy each routed expert belongs to (its router row)
     exact: bool
     notes: list[str] = field(default_factory=list)  # why the step-0 model is not exactly the dense one
+    #: a MoE source's experts kept or copied: per layer, the source expert (and router row) each new expert copies
+    layer_sources: list[list[int]] = field(default_factory=list)
 
     def active_ffn(self) -> int:
         """FFN neurons each token passes through: K routed experts and the shared expert."""
@@ -200,7 +202,8 @@ def plan_duplication(layout: MoeLayout, source: Sizes, experts: int, top_k_sourc
         notes.append(f"--top-k {request.top_k} is not {copies} copies x the source's top-{top_k_source}, so a token's "
                      "experts differ from the source's")
     identity = AxisMap.identity(source.ffn)
+    groups = [e % experts for e in range(request.experts)]
     return UpcyclePlan(layout=layout, request=request, source=source, expert_ffn=source.ffn,
                        shared_ffn=getattr(source, "shared_ffn", 0), copies=copies, routed_slices=experts,
                        expert_maps=[identity] * request.experts, shared_map=None,
-                       router_groups=[e % experts for e in range(request.experts)], exact=not notes, notes=notes)
+                       router_groups=groups, exact=not notes, notes=notes, layer_sources=[groups] * source.layers)
