@@ -232,6 +232,7 @@ def apply_tensor(x: torch.Tensor, spec: TensorSpec, layer: int | None, sizes: Si
     """
     if x.dim() != len(spec.dims):
         raise ValueError(f"{spec.name}: expected {len(spec.dims)} dims, got shape {tuple(x.shape)}")
+    maps = maps.for_tensor(spec.name)  # a MoE expert's own ffn maps
     source = x
     plans: list[_DimPlan] = []
     dim_maps: list[list[AxisMap | None]] = []
@@ -350,6 +351,7 @@ def source_index(spec: TensorSpec, layer: int | None, sizes: Sizes, maps: Growth
     """
     shape = sizes.shape(spec)
     index = torch.arange(math.prod(shape)).reshape(shape)
+    maps = maps.for_tensor(spec.name)
     fresh = torch.zeros((), dtype=torch.bool)
     for i, dim in enumerate(spec.dims):
         if dim.sections or dim.normed:

@@ -13,7 +13,7 @@ from growkit.operators.depth import DEPTH_METHODS, EXACT_DEPTH
 
 _LABELS = {"refused": "no", "inexact": "approx."}
 LEGEND = ("exact: the grown model computes the source's function (max |Δlogits| ≤ 1e-5 × max |logit| in "
-          "tests/test_families.py; `moe` in tests/test_upcycle.py); yes: runs and loads (`select` only shrinks; stacked or interleaved layers act "
+          "tests/test_families.py; `moe` in tests/test_upcycle.py and tests/test_moe_shrink.py); yes: runs and loads (`select` only shrinks; stacked or interleaved layers act "
           "again, which changes the function); approx.: runs and loads, the function is not kept; no: refused in one "
           "line before any tensor is read.")
 

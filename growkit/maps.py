@@ -110,12 +110,26 @@ class GrowthMaps:
     identity_layers: set[int] = field(default_factory=set)
     #: a factor on a whole tensor, by source tensor name (subclone's norm-gain correction for dropped coordinates)
     gains: dict[str, float] = field(default_factory=dict)
+    #: {tensor name template: the axis instance it has alone}, where one layer holds several instances of a per-layer
+    #: axis: a MoE layer's routed experts each have their own `ffn` neurons, kind `ffn[<module>]`
+    #: (`growkit.operators.importance.ffn_instances`). Such an instance's maps are in `per_layer` under its kind;
+    #: tensors not listed use the axis's own.
+    instances: dict[str, str] = field(default_factory=dict)
+    #: the instance kind `for_tensor` put in place of its axis
+    active: str | None = None
+
+    def for_tensor(self, name: str) -> "GrowthMaps":
+        """The maps as tensor template `name` sees them: its own axis instance's in place of the axis's."""
+        kind = self.instances.get(name)
+        return self if kind is None or kind == self.active else replace(self, active=kind)
 
     def get(self, kind: str, layer: int | None) -> AxisMap | None:
         """The map of axis `kind` (in new layer `layer`), or None for axes that are never resized."""
         if kind == HIDDEN:
             return self.hidden
         if kind in PER_LAYER and layer is not None:
+            if self.active is not None and self.active.startswith(f"{kind}["):
+                return self.per_layer[(self.active, layer)]
             return self.per_layer[(kind, layer)]
         assert kind not in GROWABLE or layer is not None, f"per-layer axis {kind} used outside a layer"
         return None

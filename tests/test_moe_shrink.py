@@ -178,3 +178,71 @@ def test_cli_grows_experts_exactly_and_refuses_in_one_line(tmp_path: Path, sourc
     assert json.loads((tmp_path / "x2" / "growkit.json").read_text())["kind"] == "grow"
     with safe_open(tmp_path / "x2" / "model.safetensors", "pt") as f:
         assert LAYOUTS["mixtral"].expert(7, "down_proj").format(1) in f.keys()
+
+
+# --- subclone on MoE models: each expert keeps its own neurons ---------------------------------------------------
+
+def _plant_neurons(src: Path, out: Path) -> Path:
+    """A copy of `src` where, in every layer, expert e's neuron e writes 8x more and its neuron e + 4 nothing (and the
+    shared expert's neuron 7 of its first block writes 8x more): the neurons worth keeping differ from expert to
+    expert."""
+    model, _ = load_grown(src)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            down = layer.mlp.experts.down_proj  # [experts, hidden, ffn]
+            for e in range(down.shape[0]):
+                down[e, :, e] *= 8
+                down[e, :, e + 4] = 0
+            if hasattr(layer.mlp, "shared_expert"):
+                layer.mlp.shared_expert.down_proj.weight[:, 7] *= 8
+    model.save_pretrained(out)
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def _kept_columns(src: Path, out: Path, name: str) -> list[int]:
+    """Which source columns (neurons) a shrunk down projection holds, matched exactly (rescale none)."""
+    with safe_open(src / "model.safetensors", "pt") as f:
+        old = f.get_tensor(name)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        new = f.get_tensor(name)
+    return [next(j for j in range(old.shape[1]) if torch.equal(old[:, j], new[:, i])) for i in range(new.shape[1])]
+
+
+@pytest.mark.parametrize("name,importance", [("mixtral", "weights"), ("qwen2_moe", "activations"),
+                                             ("qwen3_moe", "weights")])
+def test_subclone_keeps_each_experts_own_neurons(tmp_path: Path, sources: dict[str, Path], calib: Path, name: str,
+                                                 importance: str) -> None:
+    """`shrink --method subclone --ffn 4` of a MoE model: every routed expert keeps the neuron planted to matter in
+    it and drops the one planted silent in it (each expert its own map; one map for all would keep the same
+    positions everywhere), the shared expert keeps its own planted neuron in each of its blocks, and the output
+    loads in transformers with no missing or unexpected keys."""
+    src = _plant_neurons(sources[name], tmp_path / "planted")
+    extra = {"calibration": [calib]} if importance == "activations" else {}
+    result = growkit.shrink(src, tmp_path / "out", ffn=4, method="subclone", rescale="none", verify=True,
+                            quiet=True, **extra)
+    p = result.provenance
+    assert p["options"]["importance"] == importance
+    assert p["verification"]["missing_keys"] == [] and p["verification"]["unexpected_keys"] == []
+    layout = LAYOUTS[CONFIGS[name]().model_type]
+    for layer in range(2):
+        for e in range(4):
+            kept = _kept_columns(src, result.out_dir, layout.expert(e, "down_proj").format(layer))
+            assert e in kept and e + 4 not in kept, (layer, e, kept)
+        if layout.shared:
+            kept = _kept_columns(src, result.out_dir, layout.shared_expert("down_proj").format(layer))
+            assert 7 in kept and 15 in kept, kept  # position 7 of both blocks: one map on the expert's ffn axis
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_subclone_grows_moe_models_exactly(tmp_path: Path, sources: dict[str, Path], name: str) -> None:
+    """Growing with subclone duplicates each expert's own top-ranked neurons (different positions per expert) and
+    divides their readers: the grown MoE model computes the source's logits."""
+    src = sources[name]
+    config = CONFIGS[name]()
+    ffn = getattr(config, LAYOUTS[config.model_type].ffn_key)
+    result = growkit.grow(src, tmp_path / "out", hidden=40, ffn=ffn * 3 // 2, method="subclone", quiet=True)
+    grown, info = load_grown(result.out_dir)
+    assert info == {"missing_keys": [], "unexpected_keys": []}
+    assert _gap(load_grown(src)[0], grown) <= TOL

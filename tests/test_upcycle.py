@@ -291,21 +291,6 @@ def test_moe_sources_grow_exactly(tmp_path: Path, name: str) -> None:
             assert any(".experts.3." in n for n in f.keys())  # written in the per-expert layout again
 
 
-@pytest.mark.parametrize("run", [grow, growkit.shrink])
-def test_subclone_is_refused_as_the_moe_family_declares(tmp_path: Path, run) -> None:
-    """subclone ranks FFN neurons on one down projection per layer; a MoE layer has one per expert. The family's
-    declared limit refuses it in one line before any tensor is read, nothing written (README's family table)."""
-    src = _save_moe("mixtral", tmp_path / "src")
-    before = snapshot(src)
-    request = dict(width="2x") if run is grow else dict(hidden=16, ffn=8, heads=2)
-    with pytest.raises(GrowkitError) as info:
-        run(src, tmp_path / "out", method="subclone", quiet=True, **request)
-    message = str(info.value)
-    assert "\n" not in message and str(src) in message and "one per expert" in message, message
-    assert_nothing_written(tmp_path / "out")
-    assert snapshot(src) == before
-
-
 def test_moe_verify_reads_the_per_expert_layout(tmp_path: Path) -> None:
     """`grow --verify` builds the source model from per-expert tensors (fused the way transformers 5 holds them)."""
     src = _save_moe("qwen2_moe", tmp_path / "src")

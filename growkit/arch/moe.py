@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from growkit.arch.llama import LlamaFamily
-from growkit.arch.spec import FFN, HIDDEN, Dim, Limit, Sizes, TensorSpec
+from growkit.arch.spec import FFN, HIDDEN, Dim, Sizes, TensorSpec
 from growkit.errors import GrowkitError
 
 #: A SwiGLU FFN's three projections as the dense Llama family names them, in the order gate, up, down.
@@ -148,8 +148,6 @@ class MoeFamily(LlamaFamily):
     def __init__(self) -> None:
         super().__init__()
         self.name, self.model_types = "moe", tuple(LAYOUTS)
-        self.limits = (Limit("subclone", "refused", "subclone ranks FFN neurons through the one down projection of "
-                                                    "each layer; a MoE layer has one per expert (use --method select)"),)
 
     @staticmethod
     def experts(config: dict[str, Any]) -> int:

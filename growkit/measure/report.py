@@ -23,7 +23,7 @@ from growkit.measure.estimators import DEFAULT_RANK, NeuronPCA, held_out_log_lik
 from growkit.measure.features import AxisKey, blocks_of, iter_tensors, key_label
 from growkit.measure.fit import AxisFit
 from growkit.measure.rc import Distance, RCTest, distance, rc_covariance_test
-from growkit.operators.importance import block_prefix
+from growkit.operators.importance import ffn_instances
 from growkit.measure.stats import TailStats, TensorStats, matrix_view, tail_stats, tensor_stats
 from growkit.pipeline import all_finite, check_seed
 from growkit.train.blocks import check_calibration_files
@@ -124,21 +124,6 @@ def _axis_keys(sizes: Sizes, ffn_kinds: list[str]) -> list[AxisKey]:
         else:
             keys += [(k, layer) for layer in range(sizes.layers) for k in kinds]
     return keys
-
-
-def ffn_instances(specs: list[TensorSpec]) -> dict[str, str]:
-    """{tensor name template: axis kind} where a layer reads its `ffn` axis in several modules (a MoE layer's
-    experts): each module's neurons are their own axis instance, of kind `ffn[<module>]` (e.g. `ffn[mlp.experts.0]`),
-    since neuron j of one expert has nothing to do with neuron j of another. A module whose ffn dim is a product
-    (Qwen2-MoE's shared expert held as blocks of one expert's size) is left out: its rows are not one module's
-    neurons. Empty where each layer has one FFN reader."""
-    prefix = block_prefix(specs)
-    readers = [s.name for s in specs if s.per_layer and Dim((FFN,), "in") in s.dims]
-    if len(readers) < 2:
-        return {}
-    modules = [name[len(prefix) + 1:].rsplit(".", 2)[0] for name in readers]
-    return {s.name: f"{FFN}[{module}]" for module in modules for s in specs
-            if s.per_layer and s.name.startswith(f"{prefix}.{module}.")}
 
 
 def finite_tensors(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes

@@ -47,6 +47,10 @@ class Importance:
     head_energy: list[torch.Tensor]
     #: per norm site (tensor name at its source layer): each coordinate's mean share of the norm's statistic
     norm_share: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: a MoE model's routed experts, each with its own neurons: [ffn] scores and energies per layer, by the expert's
+    #: ffn instance kind (`ModelParts.instances`); `ffn` is then the shared expert's (or, without one, these summed)
+    expert_ffn: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    expert_ffn_energy: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,16 +58,32 @@ class ModelParts:
     """Where each axis is read in a family's tensors (found from the specs)."""
 
     norms: list[TensorSpec]  # norm gains on the hidden axis (per layer and final)
-    ffn_reader: TensorSpec
+    ffn_reader: TensorSpec | None  # None: only MoE experts read the layer's ffn
     head_reader: TensorSpec
     block_prefix: str  # e.g. "model.layers.{}"
+    #: a MoE layer's routed experts, each its own `ffn` instance: {tensor name template: instance kind}
+    #: (`ffn_instances`), in expert order; empty for a dense model
+    instances: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, specs: list[TensorSpec]) -> "ModelParts":
         norms = [s for s in specs if s.kind == "norm_weight" and s.dims == (Dim((HIDDEN,), "elem"),)]
-        ffn_reader = _one(specs, lambda s: s.kind == "weight" and Dim((FFN,), "in") in s.dims, "FFN reader")
+        instances = ffn_instances(specs)
+        shared = [s for s in specs if s.name not in instances]
+        ffn_reader = _one(shared, lambda s: s.kind == "weight" and _ffn_in(s) is not None, "FFN reader",
+                          optional=bool(instances))
         head_reader = _one(specs, lambda s: s.kind == "weight" and Dim(HEAD_AXES, "in") in s.dims, "head reader")
-        return cls(norms, ffn_reader, head_reader, block_prefix(specs))
+        return cls(norms, ffn_reader, head_reader, block_prefix(specs), instances)  # type: ignore[arg-type]
+
+    @property
+    def expert_kinds(self) -> list[str]:
+        """The routed experts' ffn instance kinds, in expert order."""
+        return list(dict.fromkeys(self.instances.values()))
+
+
+def _ffn_in(spec: TensorSpec) -> int | None:
+    """The index of the dim that reads the `ffn` axis (alone, or as blocks of it), None if none does."""
+    return next((i for i, d in enumerate(spec.dims) if d.role == "in" and FFN in d.axes), None)
 
 
 def block_prefix(specs: list[TensorSpec]) -> str:
@@ -72,8 +92,25 @@ def block_prefix(specs: list[TensorSpec]) -> str:
     return name[: name.index("{}") + 2]
 
 
-def _one(specs: list[TensorSpec], pred: Any, what: str) -> TensorSpec:
+def ffn_instances(specs: list[TensorSpec]) -> dict[str, str]:
+    """{tensor name template: axis kind} where a layer reads its `ffn` axis in several modules (a MoE layer's
+    experts): each module's neurons are their own axis instance, of kind `ffn[<module>]` (e.g. `ffn[mlp.experts.0]`),
+    since neuron j of one expert has nothing to do with neuron j of another. A module whose ffn dim is a product
+    (Qwen2-MoE's shared expert held as blocks of one expert's size) is left out: its rows are not one module's
+    neurons. Empty where each layer has one FFN reader."""
+    prefix = block_prefix(specs)
+    readers = [s.name for s in specs if s.per_layer and Dim((FFN,), "in") in s.dims]
+    if len(readers) < 2:
+        return {}
+    modules = [name[len(prefix) + 1:].rsplit(".", 2)[0] for name in readers]
+    return {s.name: f"{FFN}[{module}]" for module in modules for s in specs
+            if s.per_layer and s.name.startswith(f"{prefix}.{module}.")}
+
+
+def _one(specs: list[TensorSpec], pred: Any, what: str, optional: bool = False) -> TensorSpec | None:
     found = [s for s in specs if s.per_layer and pred(s)]
+    if optional and not found:
+        return None
     if len(found) != 1:
         raise GrowkitError(f"subclone: expected one {what} tensor per layer, found {[s.name for s in found]}")
     return found[0]
@@ -127,6 +164,8 @@ def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, p
     head_w = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(sizes.layers)]
     head_r = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(sizes.layers)]
     blocks = torch.zeros(sizes.layers)
+    own = {k: ([torch.zeros(sizes.ffn) for _ in range(sizes.layers)], [torch.zeros(sizes.ffn) for _ in range(sizes.layers)])
+           for k in parts.expert_kinds}  # each routed expert's (write, read) energies
     for spec in specs:
         if spec.kind not in ("weight", "embedding", "norm_weight"):
             continue
@@ -141,16 +180,29 @@ def weight_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Sizes, p
                 continue
             role = {a: d.role for d in spec.dims for a in d.axes}
             if (e := axis_energy(x, spec, sizes, (FFN,))) is not None:
-                (ffn_w if role[FFN] == "out" else ffn_r)[layer] += _normalized(e)
+                w, r = own.get(parts.instances.get(spec.name, ""), (ffn_w, ffn_r))
+                (w if role[FFN] == "out" else r)[layer] += _normalized(e)
             if (e := axis_energy(x, spec, sizes, (KV_HEADS, QGROUP))) is not None:
                 (head_w if role[KV_HEADS] == "out" else head_r)[layer] += _normalized(e)
             if spec.writes_hidden():
                 blocks[layer] += float(x.norm())
     ffn = [(w * r).sqrt() for w, r in zip(ffn_w, ffn_r)]
     heads = [(w * r).sqrt() for w, r in zip(head_w, head_r)]
-    return Importance(source="weights", hidden=hidden, ffn=ffn, heads=heads, blocks=blocks,
-                      hidden_energy=hidden / hidden.sum(), ffn_energy=[f**2 for f in ffn],
-                      head_energy=[h**2 for h in heads])
+    experts = {k: [(w * r).sqrt() for w, r in zip(*wr)] for k, wr in own.items()}
+    imp = Importance(source="weights", hidden=hidden, ffn=ffn, heads=heads, blocks=blocks,
+                     hidden_energy=hidden / hidden.sum(), ffn_energy=[f**2 for f in ffn],
+                     head_energy=[h**2 for h in heads], expert_ffn=experts,
+                     expert_ffn_energy={k: [f**2 for f in v] for k, v in experts.items()})
+    return _pooled_without_reader(imp, parts)
+
+
+def _pooled_without_reader(imp: Importance, parts: ModelParts) -> Importance:
+    """Where only routed experts read a layer's ffn (no shared expert), its own `ffn` map serves no tensor; it is
+    the experts' scores summed, the ranking of `ffn` as one axis across experts, so the maps stay complete."""
+    if parts.ffn_reader is None and imp.expert_ffn:
+        imp.ffn = [sum(v[layer] for v in imp.expert_ffn.values()) for layer in range(len(imp.ffn))]
+        imp.ffn_energy = [sum(v[layer] for v in imp.expert_ffn_energy.values()) for layer in range(len(imp.ffn))]
+    return imp
 
 
 def calibration_ids(files: Sequence[str | Path], tokenizer_dir: str | Path | None,
@@ -202,7 +254,8 @@ def _head_gram(w: torch.Tensor, spec: TensorSpec, sizes: Sizes) -> torch.Tensor:
 
 
 def _ffn_writer_norm(w: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    i = spec.dims.index(Dim((FFN,), "in"))
+    i = _ffn_in(spec)
+    assert i is not None
     return w.movedim(i, -1).reshape(-1, w.shape[i]).norm(dim=0)
 
 
@@ -215,8 +268,10 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     model = model_from_checkpoint(ckpt)
     L = sizes.layers
     count = 0
-    ffn_abs = [torch.zeros(sizes.ffn) for _ in range(L)]
-    ffn_sq = [torch.zeros(sizes.ffn) for _ in range(L)]
+    reader = parts.ffn_reader
+    width = sizes.dim_size(reader.dims[_ffn_in(reader) or 0]) if reader is not None else sizes.ffn  # blocks of ffn
+    ffn_abs = [torch.zeros(width) for _ in range(L)]
+    ffn_sq = [torch.zeros(width) for _ in range(L)]
     head_abs = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
     head_sq = [torch.zeros(sizes.kv_heads, sizes.qgroup) for _ in range(L)]
     block_update = torch.zeros(L)
@@ -228,7 +283,8 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
     norm_abs = {s: torch.zeros(sizes.hidden) for s in sites}
     norm_sq = {s: torch.zeros(sizes.hidden) for s in sites}
     norm_share = {s: torch.zeros(sizes.hidden) for s in sites}
-    w_ffn = [_ffn_writer_norm(ckpt.get(parts.ffn_reader.at(l)), parts.ffn_reader) for l in range(L)]
+    w_ffn = [_ffn_writer_norm(ckpt.get(reader.at(l)), reader) if reader is not None else torch.zeros(width)
+             for l in range(L)]
     gram = [_head_gram(ckpt.get(parts.head_reader.at(l)), parts.head_reader, sizes) for l in range(L)]
 
     def flat(t: torch.Tensor) -> torch.Tensor:
@@ -275,10 +331,16 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
         return hook
 
     handles = []
+    experts = None
     try:
+        if parts.instances:
+            from growkit.arch.moe import MoeFamily, expert_modules
+
+            experts = ExpertRecorder(model, expert_modules(ckpt.config), MoeFamily.experts(ckpt.config), sizes.ffn)
+            handles += experts.handles
         for layer in range(L):
-            handles.append(model.get_submodule(_module_name(parts.ffn_reader.at(layer)))
-                           .register_forward_pre_hook(on_ffn(layer)))
+            if reader is not None:
+                handles.append(model.get_submodule(_module_name(reader.at(layer))).register_forward_pre_hook(on_ffn(layer)))
             handles.append(model.get_submodule(_module_name(parts.head_reader.at(layer)))
                            .register_forward_pre_hook(on_heads(layer)))
             handles.append(model.get_submodule(parts.block_prefix.format(layer))
@@ -295,14 +357,24 @@ def activation_importance(ckpt: Checkpoint, specs: list[TensorSpec], sizes: Size
         for h in handles:
             h.remove()
 
-    ffn = [a / count * w for a, w in zip(ffn_abs, w_ffn)]
-    ffn_energy = [s / count * w**2 for s, w in zip(ffn_sq, w_ffn)]
+    ffn = [_fold(a / count * w, sizes.ffn) for a, w in zip(ffn_abs, w_ffn)]
+    ffn_energy = [_fold(s / count * w**2, sizes.ffn) for s, w in zip(ffn_sq, w_ffn)]
     hidden = sum(a / a.sum().clamp(min=1e-30) for a in norm_abs.values())
     hidden_energy = sum(s / s.sum().clamp(min=1e-30) for s in norm_sq.values()) / len(sites)
-    return Importance(source="activations", hidden=hidden, ffn=ffn, heads=[h / count for h in head_abs],
-                      blocks=block_update / block_stream.clamp(min=1e-30), hidden_energy=hidden_energy, ffn_energy=ffn_energy,
-                      head_energy=[h / count for h in head_sq],
-                      norm_share={s: v / count for s, v in norm_share.items()})
+    imp = Importance(source="activations", hidden=hidden, ffn=ffn, heads=[h / count for h in head_abs],
+                     blocks=block_update / block_stream.clamp(min=1e-30), hidden_energy=hidden_energy, ffn_energy=ffn_energy,
+                     head_energy=[h / count for h in head_sq],
+                     norm_share={s: v / count for s, v in norm_share.items()})
+    if experts is not None:
+        act = experts.activity()
+        imp.expert_ffn = {k: list(act.neurons[:, e]) for e, k in enumerate(parts.expert_kinds)}
+        imp.expert_ffn_energy = {k: list(act.energy[:, e]) for e, k in enumerate(parts.expert_kinds)}
+    return _pooled_without_reader(imp, parts)
+
+
+def _fold(score: torch.Tensor, ffn: int) -> torch.Tensor:
+    """A score over blocks of the ffn axis (Qwen2-MoE's shared expert) summed to one per ffn position."""
+    return score if score.numel() == ffn else score.reshape(-1, ffn).sum(0)
 
 
 # --- routed experts: what each expert, and each of its neurons, writes into the stream -----------------------------

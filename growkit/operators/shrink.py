@@ -163,6 +163,7 @@ class Subclone(Operator):
         self.rescale_losses: dict[str, float] = {}
         self.rescale_chosen: str | None = None
         self.shrinking = False  # set by build_maps: rescale means nothing to a growth
+        self.instances: dict[str, str] = {}  # set by build_maps: a MoE model's experts, each its own ffn maps
 
     def settings(self) -> dict[str, Any]:
         """The rescale mode asked for (shrinking only); with "auto", the one kept and every candidate's loss."""
@@ -231,6 +232,7 @@ class Subclone(Operator):
     def build_maps(self, ckpt: Checkpoint, family: Family, specs: list[TensorSpec], plan: GrowthPlan,
                    seed: int) -> GrowthMaps | Candidates:
         imp = self.scores = self.measure(ckpt, family, specs, plan, seed)
+        self.instances = ModelParts.of(specs).instances
         self.shrinking = plan.direction == "shrink"
         if self.rescale == "auto" and self.shrinking:
             return self.rescale_candidates(imp, ckpt, plan)
@@ -273,6 +275,9 @@ class Subclone(Operator):
         for new_layer, s in enumerate(layer_src):
             ffn_energy = imp.ffn_energy[s] if "ffn" in fanin else None
             per_layer[("ffn", new_layer)] = self._map(imp.ffn[s], tgt.ffn, ffn_energy)
+            for kind, scores in imp.expert_ffn.items():  # a MoE layer's experts: each keeps its own neurons
+                energy = imp.expert_ffn_energy[kind][s] if "ffn" in fanin else None
+                per_layer[(kind, new_layer)] = self._map(scores[s], tgt.ffn, energy)
             heads, energy = imp.heads[s], imp.head_energy[s]
             kv = self._map(heads.sum(1), tgt.kv_heads, None)
             kept_kv = kv.src if tgt.kv_heads <= src.kv_heads else torch.arange(src.kv_heads)
@@ -289,7 +294,7 @@ class Subclone(Operator):
                 # norm statistic over the kept coordinates / over all = sqrt(kept share * old / new)
                 gains[site] = math.sqrt(float(share[hidden.src].sum()) * src.hidden / tgt.hidden)
         return GrowthMaps(hidden=hidden, per_layer=per_layer, layer_src=layer_src, identity_layers=identity,
-                          gains=gains)
+                          gains=gains, instances=self.instances)
 
     @staticmethod
     def _map(score: torch.Tensor, new: int, energy: torch.Tensor | None) -> AxisMap:
