@@ -182,17 +182,21 @@ def test_cli_grows_experts_exactly_and_refuses_in_one_line(tmp_path: Path, sourc
 
 # --- subclone on MoE models: each expert keeps its own neurons ---------------------------------------------------
 
+#: the four neurons (of 8) each expert is planted to need: no one set of positions serves every expert
+NEEDED = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6], [1, 3, 5, 7]]
+
+
 def _plant_neurons(src: Path, out: Path) -> Path:
-    """A copy of `src` where, in every layer, expert e's neuron e writes 8x more and its neuron e + 4 nothing (and the
-    shared expert's neuron 7 of its first block writes 8x more): the neurons worth keeping differ from expert to
-    expert."""
+    """A copy of `src` where, in every layer, expert e's `NEEDED[e]` neurons write 8x more and its other neurons
+    nothing (and the shared expert's neuron 7 of its first block writes 8x more)."""
     model, _ = load_grown(src)
     with torch.no_grad():
         for layer in model.model.layers:
             down = layer.mlp.experts.down_proj  # [experts, hidden, ffn]
-            for e in range(down.shape[0]):
-                down[e, :, e] *= 8
-                down[e, :, e + 4] = 0
+            for e, needed in enumerate(NEEDED):
+                silent = [j for j in range(8) if j not in needed]
+                down[e][:, needed] *= 8
+                down[e][:, silent] = 0
             if hasattr(layer.mlp, "shared_expert"):
                 layer.mlp.shared_expert.down_proj.weight[:, 7] *= 8
     model.save_pretrained(out)
@@ -214,10 +218,10 @@ def _kept_columns(src: Path, out: Path, name: str) -> list[int]:
                                              ("qwen3_moe", "weights")])
 def test_subclone_keeps_each_experts_own_neurons(tmp_path: Path, sources: dict[str, Path], calib: Path, name: str,
                                                  importance: str) -> None:
-    """`shrink --method subclone --ffn 4` of a MoE model: every routed expert keeps the neuron planted to matter in
-    it and drops the one planted silent in it (each expert its own map; one map for all would keep the same
-    positions everywhere), the shared expert keeps its own planted neuron in each of its blocks, and the output
-    loads in transformers with no missing or unexpected keys."""
+    """`shrink --method subclone --ffn 4` of a MoE model: every routed expert keeps exactly the neurons planted to
+    matter in it (each expert its own map: no one set of positions would serve them all), the shared expert keeps its
+    own planted neuron in each of its blocks, and the output loads in transformers with no missing or unexpected
+    keys."""
     src = _plant_neurons(sources[name], tmp_path / "planted")
     extra = {"calibration": [calib]} if importance == "activations" else {}
     result = growkit.shrink(src, tmp_path / "out", ffn=4, method="subclone", rescale="none", verify=True,
@@ -229,7 +233,7 @@ def test_subclone_keeps_each_experts_own_neurons(tmp_path: Path, sources: dict[s
     for layer in range(2):
         for e in range(4):
             kept = _kept_columns(src, result.out_dir, layout.expert(e, "down_proj").format(layer))
-            assert e in kept and e + 4 not in kept, (layer, e, kept)
+            assert kept == NEEDED[e], (layer, e, kept)
         if layout.shared:
             kept = _kept_columns(src, result.out_dir, layout.shared_expert("down_proj").format(layer))
             assert 7 in kept and 15 in kept, kept  # position 7 of both blocks: one map on the expert's ffn axis
