@@ -103,11 +103,17 @@ def random_tokens(vocab: int, seed: int = 0, batch: int = 2, length: int = 32) -
     return torch.randint(vocab, (batch, length), generator=gen)
 
 
+def lm_loss_only(model: Any) -> dict[str, bool]:
+    """Forward kwargs that keep a MoE model's `.loss` the language-model loss: a config with `output_router_logits`
+    (what `growkit train` exports) would add the load-balancing loss, which changes with the number of experts."""
+    return {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
+
+
 @torch.no_grad()
 def compare(model_a: Any, model_b: Any, tokens: torch.Tensor) -> dict[str, float]:
-    """max |Δlogits| and the next-token loss of both models on the same tokens."""
-    out_a = model_a(input_ids=tokens, labels=tokens)
-    out_b = model_b(input_ids=tokens, labels=tokens)
+    """max |Δlogits| and the next-token (language-model) loss of both models on the same tokens."""
+    out_a = model_a(input_ids=tokens, labels=tokens, **lm_loss_only(model_a))
+    out_b = model_b(input_ids=tokens, labels=tokens, **lm_loss_only(model_b))
     return {
         "max_abs_dlogits": float((out_a.logits - out_b.logits).abs().max()),
         "max_abs_logit": float(out_a.logits.abs().max()),  # scale of the fp32 rounding in the gap
@@ -124,7 +130,7 @@ def next_token_loss(model: Any, tokens: torch.Tensor, batch_size: int = 8) -> fl
     total, count = 0.0, 0
     for batch in tokens.split(batch_size):
         predicted = batch.shape[0] * (batch.shape[1] - 1)
-        total += float(model(input_ids=batch, labels=batch).loss) * predicted
+        total += float(model(input_ids=batch, labels=batch, **lm_loss_only(model)).loss) * predicted
         count += predicted
     return total / count
 
