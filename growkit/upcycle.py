@@ -280,6 +280,7 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
 
 
 def is_moe(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint is one of the MoE families growkit reads (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
     return isinstance(ckpt.config.get("model_type"), str) and ckpt.config["model_type"] in LAYOUTS
 
 
