@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from growkit import interrupts
 from growkit.arch.registry import family_for
-from growkit.arch.spec import FFN, GROWABLE, PER_LAYER, Dim, Sizes, TensorSpec
+from growkit.arch.spec import FFN, GROWABLE, PER_LAYER, Sizes, TensorSpec
 from growkit.checkpoint.outputs import check_path
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
 from growkit.errors import GrowkitError

@@ -33,6 +33,7 @@ from growkit.operators.importance import calibration_ids, expert_activity, token
 from growkit.operators.shrink import keep_top, strided
 from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest
 
+
 @dataclass(frozen=True)
 class LayerExperts:
     """One layer's routed experts as read: each expert's group of identical copies (weights and router row), and
