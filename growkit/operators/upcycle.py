@@ -189,7 +189,7 @@ def plan_duplication(layout: MoeLayout, source: Sizes, experts: int, top_k_sourc
         raise GrowkitError(f"--to {request.to}: a {layout.model_type} model stays {layout.model_type}")
     if request.experts <= experts or request.experts % experts:
         raise GrowkitError(f"--experts {request.experts}: a MoE source with {experts} experts grows to a multiple "
-                           f"of {experts} (each expert copied the same number of times)")
+                           f"of {experts} (each expert copied the same number of times; growkit shrink --experts gives it fewer)")
     copies = request.experts // experts
     if request.expert_noise_db is not None and (not math.isfinite(request.expert_noise_db)
                                                 or request.expert_noise_db < 0):
