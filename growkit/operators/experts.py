@@ -99,10 +99,7 @@ class ExpertRanking:
                   file=sys.stderr)
             return [weight_scores(ckpt, layout, layer, experts, lay.groups) for layer, lay in enumerate(layers)]
         tokenizer = self.tokenizer if self.tokenizer is not None else ckpt.root
-        ids = calibration_ids(self.calibration, tokenizer, self.calibration_tokens)
-        if int(ids.max()) >= sizes.vocab:
-            raise GrowkitError(f"calibration: tokenizer {tokenizer} gives token id {int(ids.max())}, beyond the "
-                               f"model's vocabulary of {sizes.vocab}")
+        ids = calibration_ids(self.calibration, tokenizer, self.calibration_tokens, sizes.vocab)
         blocks = token_blocks(ids, min(self.seq_len, sizes.positions or self.seq_len))
         return list(expert_activity(ckpt, sizes, experts, blocks).score)
 

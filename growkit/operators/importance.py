@@ -206,9 +206,9 @@ def _pooled_without_reader(imp: Importance, parts: ModelParts) -> Importance:
 
 
 def calibration_ids(files: Sequence[str | Path], tokenizer_dir: str | Path | None,
-                    max_tokens: int) -> torch.Tensor:
+                    max_tokens: int, vocab: int | None = None) -> torch.Tensor:
     """The first `max_tokens` ids of the calibration text (files in order, each followed by EOS), tokenized with the
-    checkpoint's own tokenizer."""
+    checkpoint's own tokenizer; with `vocab`, refused when the tokenizer gives ids beyond the model's vocabulary."""
     from transformers import AutoTokenizer
 
     if tokenizer_dir is None or not any(any(Path(tokenizer_dir).glob(p)) for p in _TOKENIZER_FILES):
@@ -234,6 +234,9 @@ def calibration_ids(files: Sequence[str | Path], tokenizer_dir: str | Path | Non
     ids = ids[:max_tokens]
     if len(ids) < 2:
         raise GrowkitError(f"calibration text {', '.join(map(str, files))} gives {len(ids)} tokens; need at least 2")
+    if vocab is not None and max(ids) >= vocab:
+        raise GrowkitError(f"calibration: tokenizer {tokenizer_dir} gives token id {max(ids)}, beyond the model's "
+                           f"vocabulary of {vocab}")
     return torch.tensor(ids)
 
 

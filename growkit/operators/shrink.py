@@ -211,10 +211,7 @@ class Subclone(Operator):
         auto = self.rescale == "auto" and plan.direction == "shrink"
         tokenizer = self.tokenizer if self.tokenizer is not None else ckpt.root
         budget = self.calibration_tokens + (self.heldout_tokens if auto else 0)
-        ids = calibration_ids(self.calibration, tokenizer, budget)
-        if int(ids.max()) >= plan.source.vocab:
-            raise GrowkitError(f"calibration: tokenizer {tokenizer} gives token id {int(ids.max())}, beyond the "
-                               f"model's vocabulary of {plan.source.vocab}")
+        ids = calibration_ids(self.calibration, tokenizer, budget, plan.source.vocab)
         if not auto:
             return token_blocks(ids, seq_len)
         held = self.heldout_tokens if len(ids) == budget else min(self.heldout_tokens, len(ids) // 4)
