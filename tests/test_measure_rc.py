@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from growkit.measure.rc import distance, rc_covariance_test
+from growkit.measure.rc import _Rotations, _row_stat, distance, rc_covariance_test
 
 
 def rc_matrix(m: int, n: int, seed: int) -> torch.Tensor:
@@ -52,6 +52,18 @@ def test_p_values_are_calibrated_under_the_null():
     """Under an RC matrix, the disjoint p-value is uniform: about 10% of seeds fall below 0.1."""
     ps = [rc_covariance_test(rc_matrix(30, 30, seed=s), permutations=39, seed=s).p_disjoint for s in range(60)]
     assert 0.02 <= np.mean(np.array(ps) < 0.1) <= 0.25
+
+
+@pytest.mark.parametrize("m, n", [(7, 5), (4, 9)])
+def test_rotation_null_equals_the_rotated_matrices_statistic(m, n):
+    """The row-sum shortcut gives `_row_stat` of the explicitly rotated matrices, rotating the right way."""
+    gen = torch.Generator().manual_seed(m)
+    d = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    offsets = torch.randint(m, (6, n), generator=gen)
+    rotated = d[(torch.arange(m)[None, :, None] + offsets[:, None, :]) % m, torch.arange(n)]
+    direct = _row_stat(rotated)
+    assert torch.allclose(_Rotations(d).row_stat(offsets), direct, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(direct, _row_stat(d).expand(6))  # the rotations do change the statistic
 
 
 def test_window_and_degenerate_inputs():

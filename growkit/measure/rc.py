@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
 
 _CHUNK = 32
@@ -60,6 +61,27 @@ def _row_stat(d: torch.Tensor) -> torch.Tensor:
     return ((d.sum(-1) ** 2).sum(-1) - (d**2).sum((-2, -1))) / (m * n * (n - 1))
 
 
+class _Rotations:
+    """`_row_stat` of a matrix whose columns are each rotated (cyclically shifted) by their own offset.
+
+    Rotations keep the sum of squares, so only the rotated matrix's row sums are new. With the matrix stacked on
+    itself and laid out column by column, rotated column j is the contiguous run of m values starting at
+    `j * 2m + offset_j`, and `embedding_bag` sums those runs for every row at once, without building the rotated
+    matrices (the same numbers as gathering them, up to summation order)."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.m, self.n = d.shape
+        flat = torch.cat([d, d]).T.contiguous().flatten()
+        self.runs = flat.as_strided((flat.numel() - self.m + 1, self.m), (1, 1))
+        self.starts = torch.arange(self.n) * 2 * self.m
+        self.sum_sq = float((d**2).sum())
+
+    def row_stat(self, offsets: torch.Tensor) -> torch.Tensor:
+        """The statistic for each row of `offsets` (b, n): column j moved so that row i holds `d[(i + o_j) % m, j]`."""
+        sums = F.embedding_bag(offsets + self.starts, self.runs, mode="sum")  # (b, m) row sums
+        return ((sums**2).sum(-1) - self.sum_sq) / (self.m * self.n * (self.n - 1))
+
+
 def _neighbour_stat(d: torch.Tensor) -> torch.Tensor:
     return (d[..., :-1, :-1] * d[..., 1:, 1:]).mean((-2, -1))
 
@@ -91,8 +113,7 @@ def rc_covariance_test(w: torch.Tensor, permutations: int = 199, max_dim: int = 
     Returns None for matrices with fewer than 3 rows or columns or constant squared entries.
     """
     gen = torch.Generator().manual_seed(seed)
-    w = w.detach().to(torch.float64)
-    w = w[_window(w.shape[0], max_dim, gen)][:, _window(w.shape[1], max_dim, gen)]
+    w = w.detach()[_window(w.shape[0], max_dim, gen)][:, _window(w.shape[1], max_dim, gen)].to(torch.float64)
     m, n = w.shape
     e = w**2
     d = e - e.mean()
@@ -106,15 +127,13 @@ def rc_covariance_test(w: torch.Tensor, permutations: int = 199, max_dim: int = 
     disjoint_all = all_pairs / (m * (m - 1) * n * (n - 1))
 
     null_row, null_col, null_dis = [], [], []
+    rot_cols, rot_rows = _Rotations(d), _Rotations(d.T)
     for start in range(0, permutations, _CHUNK):
         b = min(_CHUNK, permutations - start)
-        full = d.expand(b, m, n)
         # Independent random rotations of every column (row) are a group under which the null is invariant,
         # so they give an exact randomization test, and cost a gather instead of a sort.
-        rot_cols = (torch.arange(m)[None, :, None] + torch.randint(m, (b, 1, n), generator=gen)) % m
-        null_row.append(_row_stat(full.gather(1, rot_cols)))
-        rot_rows = (torch.arange(n)[None, None, :] + torch.randint(n, (b, m, 1), generator=gen)) % n
-        null_col.append(_row_stat(full.gather(2, rot_rows).transpose(1, 2)))
+        null_row.append(rot_cols.row_stat(torch.randint(m, (b, 1, n), generator=gen)[:, 0]))
+        null_col.append(rot_rows.row_stat(torch.randint(n, (b, m, 1), generator=gen)[..., 0]))
         pr = torch.rand(b, m, generator=gen).argsort(1)
         pc = torch.rand(b, n, generator=gen).argsort(1)
         null_dis.append(_neighbour_stat(d[pr].gather(2, pc[:, None, :].expand(b, m, n))))
