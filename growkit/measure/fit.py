@@ -58,9 +58,10 @@ class AxisFit:
 
     def add(self, block: Block) -> None:
         f = block.features
-        sq = float((f.to(torch.float64) ** 2).sum())
+        starts = range(0, f.shape[1], _CHUNK)  # fp64 a slice at a time: an embedding can be 128k wide
+        sq = sum(float((f[:, start:start + _CHUNK].to(torch.float64) ** 2).sum()) for start in starts)
         weight = math.sqrt(self.n / sq) if sq > 0 else 0.0
-        for start in range(0, f.shape[1], _CHUNK):  # fp64 a slice at a time: an embedding can be 128k wide
+        for start in starts:
             part = f[:, start:start + _CHUNK].to(torch.float64)
             self.gram += (weight**2) * (part @ part.T)
         self.blocks[block.name] = BlockFit(block.name, f.shape[1], weight, block.unit)

@@ -25,7 +25,7 @@ from growkit.measure.fit import AxisFit
 from growkit.measure.rc import Distance, RCTest, distance, rc_covariance_test
 from growkit.operators.importance import ffn_instances
 from growkit.measure.stats import TailStats, TensorStats, matrix_view, tail_stats, tensor_stats
-from growkit.pipeline import all_finite, check_seed
+from growkit.pipeline import all_finite, check_seed, single_threaded
 from growkit.train.blocks import check_calibration_files
 
 
@@ -202,7 +202,8 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
     norms: dict[str, np.ndarray] = {}
 
     def report_axis(key: AxisKey) -> None:
-        axes[key], norms[key_label(key)] = _axis_report(fits.pop(key), rank, seed)
+        with single_threaded():  # LAPACK eigh of ~1000 neurons: threads cost far more than they save
+            axes[key], norms[key_label(key)] = _axis_report(fits.pop(key), rank, seed)
     tied = family.tied(ckpt.config)
     interrupts.pause_point("measuring")
     for spec, layer, x in finite_tensors(ckpt, specs, sizes):
@@ -211,7 +212,8 @@ def inspect(checkpoint: str | Path | Checkpoint, compare: str | Path | Checkpoin
                 report_axis(key)
         st, sm = tensor_stats(x, spec, layer, sizes, units, tied)
         view = matrix_view(x * st.unit, spec)
-        rc = rc_covariance_test(view[0], permutations, max_dim, seed) if view is not None else None
+        with single_threaded():  # many small ops on a 256 x 256 window: intra-op threads only add overhead
+            rc = rc_covariance_test(view[0], permutations, max_dim, seed) if view is not None else None
         tensors.append(TensorReport(**st.model_dump(), rc=rc))
         samples[st.name] = sm
         for block in blocks_of(x, spec, layer, sizes):
