@@ -31,7 +31,6 @@ import torch
 from _train_common import EVAL_BLOCKS, REPO, SEQ, flops_per_token, fmt, prepare_run, run, save_json
 
 sys.path.insert(0, str(REPO))
-from growkit.train.moe import router_loss_setup  # noqa: E402
 from growkit.upcycle import upcycle  # noqa: E402
 
 DIMS = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -78,12 +77,12 @@ def equal_flops_steps(runs: dict, label: str) -> int:
 @torch.no_grad()
 def expert_shares(model, val_blocks, eval_blocks: int, batch: int = 16) -> list[list[float]]:
     """Per layer, each expert's share of the routed (token, slot) choices on the validation blocks."""
-    router_loss_setup(model, None)
     model.eval()
     counts = None
     n = min(eval_blocks, len(val_blocks))
     for i in range(0, n, batch):
-        logits = model(input_ids=val_blocks.batch(list(range(i, min(i + batch, n))))).router_logits
+        x = val_blocks.batch(list(range(i, min(i + batch, n))))
+        logits = model(input_ids=x, output_router_logits=True).router_logits
         k = model.config.num_experts_per_tok
         layer_counts = torch.stack([torch.bincount(lg.topk(k, dim=-1).indices.reshape(-1), minlength=lg.shape[-1])
                                     for lg in logits]).double()
