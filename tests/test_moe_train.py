@@ -74,15 +74,21 @@ def test_z_loss_shrinks_router_logits_and_the_export_keeps_its_config(moe_run: t
     assert z[1.0][-1] < 0.9 * z[0.0][-1], z
 
 
-def test_z_loss_coefficient_refusals_get_one_line(moe_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_router_coefficient_refusals_get_one_line(moe_run: tuple[Path, Path], tmp_path: Path) -> None:
     """A negative or non-finite coefficient, or any on a dense model, is refused before anything is written."""
     moe_dir, text = moe_run
-    cases = [(moe_dir, "-1", "--router-z-loss-coef must be a finite number of at least 0, got -1.0"),
-             (moe_dir, "nan", "--router-z-loss-coef must be a finite number of at least 0, got nan"),
-             (MODELS / "tiny-llama", "0.1", "--router-z-loss-coef: the model is not a mixture of experts")]
-    runs = run_cli_batch([["train", src, "--data", text, "-o", tmp_path / f"out{i}", "--steps", "1",
-                           "--router-z-loss-coef", coef] for i, (src, coef, _) in enumerate(cases)])
-    for i, ((_, _, message), run) in enumerate(zip(cases, runs)):
+    dense = MODELS / "tiny-llama"
+    cases = [(moe_dir, "--router-z-loss-coef", "-1", "--router-z-loss-coef must be a finite number of at least 0, "
+              "got -1.0"),
+             (moe_dir, "--router-z-loss-coef", "nan", "--router-z-loss-coef must be a finite number of at least 0, "
+              "got nan"),
+             (moe_dir, "--router-aux-loss-coef", "-1", "--router-aux-loss-coef must be a finite number of at least "
+              "0, got -1.0"),
+             (dense, "--router-z-loss-coef", "0.1", "--router-z-loss-coef: the model is not a mixture of experts"),
+             (dense, "--router-aux-loss-coef", "0.1", "--router-aux-loss-coef: the model is not a mixture of experts")]
+    runs = run_cli_batch([["train", src, "--data", text, "-o", tmp_path / f"out{i}", "--steps", "1", option, value]
+                          for i, (src, option, value, _) in enumerate(cases)])
+    for i, ((*_, message), run) in enumerate(zip(cases, runs)):
         assert run.returncode == 2, run.stderr
         assert error_line(run.returncode, run.stderr, message)
         assert_nothing_written(tmp_path / f"out{i}")
