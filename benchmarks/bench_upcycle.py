@@ -20,6 +20,7 @@ validation blocks at the end (load balance).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -234,7 +235,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every run once per seed)")
     ap.add_argument("--smoke", action="store_true", help="every code path at a tiny size (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/upcycle]")
+    ap.add_argument("--report", type=Path, default=None, metavar="JSON",
+                    help="no training: tables and plot of a saved result (its complete seeds), beside it")
     args = ap.parse_args()
+    if args.report is not None:
+        return report(args.report)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.eval_blocks = EVAL_BLOCKS
     max_bytes = None
@@ -257,10 +262,18 @@ def main() -> None:
             run_seed(seed, args, tok, train_blocks, val_blocks, acc, work, lambda runs, s=seed: save(s, runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    plot(results, args.out / f"{name}.png")
-    report = tables(results)
-    (args.out / f"{name}.md").write_text(report + "\n")
-    print(report)
+    report(args.out / f"{name}.json")
+
+
+def report(path: Path) -> None:
+    """Tables (printed, and .md) and plot (.png) beside a saved result; a seed cut off part-way is left out."""
+    results = json.loads(path.read_text())
+    labels = max((set(runs) for runs in results["seeds"].values()), key=len)
+    results["seeds"] = {s: runs for s, runs in results["seeds"].items() if set(runs) == labels}
+    plot(results, path.with_suffix(".png"))
+    text = tables(results)
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
