@@ -15,6 +15,10 @@ seed and mean, each MoE's gap to dense continuation per seed, and each expert's 
 validation blocks at the end (load balance).
 
     python benchmarks/bench_upcycle.py --dense-steps 150 --steps 100 --batch 8 --seeds 0,1,2
+    python benchmarks/bench_upcycle.py --report benchmarks/results/upcycle/NAME.json   # tables and plot again
+
+`--router-z-loss-coef` adds the router z-loss to the MoE runs (default 0, as the runs in RESULTS.md); `--smoke`
+runs every code path in seconds.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ def run_seed(seed: int, args, tok, train_blocks, val_blocks, acc, work: Path, sa
     common = dict(lr=args.lr, eval_every=args.eval_every, seed=seed, accelerator=acc, batch_size=args.batch,
                   eval_blocks=args.eval_blocks)
     tokens_per_step = args.batch * SEQ
+    moe = dict(router_aux_loss_coef=args.aux, router_z_loss_coef=args.router_z_loss_coef)
     runs: dict = {}
 
     def record(label: str, model, curve, start_flops: float = 0.0, start_step: int = 0) -> None:
@@ -136,12 +141,12 @@ def run_seed(seed: int, args, tok, train_blocks, val_blocks, acc, work: Path, sa
     for label, options in UPCYCLED.items():
         out = upcycle(dense_dir, work / f"{label.replace(' ', '-')}-{seed}", quiet=True, seed=seed, **options).out_dir
         model = T.AutoModelForCausalLM.from_pretrained(out)
-        record(label, model, run(model, label, train_blocks, val_blocks, steps=args.steps,
-                                 router_aux_loss_coef=args.aux, **common), **after)
+        record(label, model, run(model, label, train_blocks, val_blocks, steps=args.steps, **moe, **common),
+               **after)
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(scratch_moe_config(len(tok)))
     record(SCRATCH, model, run(model, SCRATCH, train_blocks, val_blocks, steps=args.dense_steps + args.steps,
-                               router_aux_loss_coef=args.aux, **common))
+                               **moe, **common))
     # Dense continuation at each MoE run's active FLOPs: more steps, one schedule over them.
     for n in sorted({equal_flops_steps(runs, label) for label in [*UPCYCLED, SCRATCH]} - {args.steps}):
         model = T.AutoModelForCausalLM.from_pretrained(dense_dir)
@@ -230,6 +235,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--aux", type=float, default=0.01, help="load-balancing loss coefficient of the MoE runs")
+    ap.add_argument("--router-z-loss-coef", type=float, default=0.0, help="router z-loss coefficient of the MoE runs")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (every run once per seed)")
@@ -249,7 +255,8 @@ def main() -> None:
             setattr(args, key, SMOKE[key])
     tok, train_blocks, val_blocks, acc = prepare_run(args, REPO / "benchmarks" / "results" / "upcycle",
                                                      max_bytes=max_bytes)
-    name = f"upcycle-{args.dense_steps}-{args.steps}-seeds{'-'.join(map(str, seeds))}" + ("-smoke" if args.smoke else "")
+    name = (f"upcycle-{args.dense_steps}-{args.steps}-seeds{'-'.join(map(str, seeds))}"
+            + ("-smoke" if args.smoke else ""))
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
 
     def save(seed: int, runs: dict) -> None:

@@ -37,7 +37,8 @@ def test_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits(moe_run: tupl
     x = random_tokens(model.config.vocab_size, seed=3, batch=2, length=24)
     output = model(input_ids=x, labels=x, **load.forward_kwargs)
     loss = load.loss(output)
-    per_layer = [(torch.log(torch.exp(logits.detach().double()).sum(-1)) ** 2).mean() for logits in output.router_logits]
+    per_layer = [(torch.log(torch.exp(logits.detach().double()).sum(-1)) ** 2).mean()
+                 for logits in output.router_logits]
     assert len(per_layer) == model.config.num_hidden_layers and output.router_logits[0].shape == (48, 4)
     hand = float(sum(per_layer) / len(per_layer))
     assert load.z == [pytest.approx(hand, rel=1e-6)]
@@ -48,8 +49,9 @@ def test_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits(moe_run: tupl
 def test_z_loss_shrinks_router_logits_and_the_export_keeps_its_config(moe_run: tuple[Path, Path],
                                                                      tmp_path: Path) -> None:
     """Same seed, same steps, z-loss coefficient 0 and 1: both log `z_loss` every step, equal at step 1 (the same
-    first forward), and only the run that optimises it ends with smaller router logsumexps (also in the tracker). The exported config keeps
-    the `output_router_logits` the source came with (training asks for router logits in its forward, not its config)."""
+    first forward), and only the run that optimises it ends with smaller router logsumexps (also in the tracker).
+    The exported config keeps the `output_router_logits` the source came with (training asks for router logits in
+    its forward, not its config)."""
     moe_dir, text = moe_run
     source_config = json.loads((moe_dir / "config.json").read_text())
     report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
