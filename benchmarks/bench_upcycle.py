@@ -206,14 +206,14 @@ def plot(results: dict, png: Path) -> None:
 
     per_seed = list(results["seeds"].values())
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=100)
-    for label in per_seed[0]:
+    for i, label in enumerate(per_seed[0]):
         curves = [r[label]["losses"] for r in per_seed]
         mean = [statistics.mean(v) for v in zip(*curves)]
-        style = "k-" if label == "dense pre-training" else ("--" if label.startswith("dense") else "o-")
+        style = "-" if label == "dense pre-training" else ("--" if label.startswith("dense") else "o-")
         for ax, key, scale in ((axes[0], "total_steps", 1), (axes[1], "total_flops", 1e9)):
             x = [v / scale for v in per_seed[0][label][key]]
             ax.plot(x[1:] if label == SCRATCH else x, mean[1:] if label == SCRATCH else mean, style, ms=3,
-                    label=label)  # from scratch: its step-0 loss (~7.6) would squash the rest
+                    color=plt.cm.tab20(i % 20), label=label)  # from scratch: its step-0 loss (~7.6) would squash the rest
     for ax, xl in zip(axes, ("total training steps", "total active training GFLOPs")):
         ax.set_xlabel(xl)
         ax.set_ylabel(f"validation loss, mean of {len(per_seed)} seed(s)")
