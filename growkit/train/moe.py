@@ -44,9 +44,9 @@ def check_router_options(moe: bool, coef: float | None, z_coef: float) -> None:
 
 
 def router_loss_setup(model: Any, coef: float | None, z_coef: float = 0.0) -> "ExpertLoad | None":
-    """For a MoE model: make its `.loss` include the load-balancing loss (coefficient `coef`, else the config's) and
-    return the counter of expert load, which also adds `z_coef` x the router z-loss (`ExpertLoad.loss`); None for a
-    dense model (refusing coefficients it could not use)."""
+    """For a MoE model: set the load-balancing loss's coefficient (`coef`, else the config's) and return the counter
+    of expert load, whose `forward_kwargs` make the training forward's `.loss` include that loss and whose `loss` adds
+    `z_coef` x the router z-loss; None for a dense model (refusing coefficients it could not use)."""
     check_router_options(is_moe(model), coef, z_coef)
     if not is_moe(model):
         return None
