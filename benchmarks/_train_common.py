@@ -52,7 +52,9 @@ def prepare_run(args, default_out: Path, accelerator=None, max_bytes: tuple[int,
 
 def flops_per_token(config, seq_len: int = SEQ) -> float:
     """Training FLOPs per token, 6 N + 6 L T d (Kaplan et al.): N counts every matrix a token passes through,
-    including the LM head and excluding the embedding lookups; the second term is attention scores and mixing."""
+    including the LM head and excluding the embedding lookups; the second term is attention scores and mixing.
+    A mixture of experts counts its active parameters: the router and the top-k experts' FFNs (plus a shared
+    expert), not the experts a token skips."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     d = cfg.get("hidden_size") or cfg["n_embd"]
     L = cfg.get("num_hidden_layers") or cfg["n_layer"]
@@ -65,7 +67,13 @@ def flops_per_token(config, seq_len: int = SEQ) -> float:
         per_layer = d * 3 * d + d * d + 2 * d * ffn
     else:
         ffn = cfg["intermediate_size"]
-        per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * ffn
+        router = 0
+        if cfg.get("num_experts_per_tok"):
+            experts = cfg.get("num_local_experts") or cfg["num_experts"]
+            ffn = cfg["num_experts_per_tok"] * (cfg.get("moe_intermediate_size") or ffn) \
+                + (cfg.get("shared_expert_intermediate_size") or 0)
+            router = d * experts
+        per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * ffn + router
     n = L * per_layer + V * d
     return 6.0 * n + 6.0 * L * seq_len * heads * hd
 

@@ -47,6 +47,8 @@ def train_command(
                                       "300:width=2x (repeatable). The AdamW state and the schedule carry over."),
     router_aux_loss_coef: Optional[float] = typer.Option(None, "--router-aux-loss-coef", help="Mixture-of-experts "
                                                          "models: load-balancing loss weight (default: the config's)."),
+    router_z_loss_coef: float = typer.Option(0.0, "--router-z-loss-coef", help="Mixture-of-experts models: router "
+                                             "z-loss weight (ST-MoE, mean logsumexp(router logits)^2; 0: off)."),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     report_to: str = typer.Option("none", "--report-to", help="Also log the metrics to an experiment tracker: "
                                   "tensorboard (OUT/runs), wandb, trackio, mlflow, or none (metrics.jsonl/csv only)."),
@@ -67,7 +69,8 @@ def train_command(
               max_grad_norm=max_grad_norm or None,
               eval_every=eval_every, save_every=save_every,
               seed=seed, stop_after=stop_after, start_step=start_step, data_start=data_start, grow_at=grow_at,
-              router_aux_loss_coef=router_aux_loss_coef, quiet=quiet, report_to=report_to,
+              router_aux_loss_coef=router_aux_loss_coef, router_z_loss_coef=router_z_loss_coef, quiet=quiet,
+              report_to=report_to,
               allow_changed_topology=allow_changed_topology)
     except KeyboardInterrupt as exc:  # typer would swallow it into a silent exit 130
         raise Interrupted(f"{out}: training interrupted by {str(exc) or 'SIGINT'}; checkpoints saved so far are kept "

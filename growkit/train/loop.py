@@ -35,7 +35,7 @@ from growkit.train.metrics import MetricsLog, finite_or_none, plot_curves
 from growkit.train.stop_on_any_rank import StopOnAnyRank
 from growkit.train.topology import check_fixed, check_topology
 from growkit.train.trackers import RunTrackers, accelerator_options, group_lrs
-from growkit.train.moe import lm_loss_only, router_loss_setup
+from growkit.train.moe import check_router_options, lm_loss_only, router_loss_setup
 from growkit.train.mup import describe_groups, mup_param_groups, scaled_base_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -81,6 +81,8 @@ class TrainConfig:
     grow_at: list[str] = field(default_factory=list)
     # Mixture-of-experts models: the load-balancing loss's coefficient (None: the model config's)
     router_aux_loss_coef: float | None = None
+    # and the router z-loss's (ST-MoE; 0: off), added to the training loss only
+    router_z_loss_coef: float = 0.0
     quiet: bool = False
     # Experiment tracker for the metrics besides metrics.jsonl (growkit.train.trackers): none, tensorboard, wandb, ...
     report_to: str = "none"
@@ -322,7 +324,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
     use_mup = base_config is not None and cfg.mup is not False
     model.train()
     # Mixture of experts: the load-balancing loss in `.loss`, and each expert's share of tokens in the metrics.
-    expert_load = router_loss_setup(model, cfg.router_aux_loss_coef)
+    expert_load = router_loss_setup(model, cfg.router_aux_loss_coef, cfg.router_z_loss_coef)
+    moe_kwargs = expert_load.forward_kwargs if expert_load is not None else {}
     groups = mup_param_groups(model, base_config if use_mup else None, cfg.lr, cfg.weight_decay)
     if use_mup:
         log(f"µP groups: {describe_groups(groups)}")
@@ -406,8 +409,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
             # accumulate: no gradient sync before the last micro-step; backward divides by K (DeepSpeed's engine
             # divides, and steps, itself)
             with accelerator.accumulate(model):
-                output = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x)
-                loss = output.loss
+                output = model(input_ids=x, attention_mask=torch.ones_like(x), labels=x, **moe_kwargs)
+                loss = output.loss if expert_load is None else expert_load.loss(output)
                 accelerator.backward(loss)
             if expert_load is not None:
                 expert_load.add(output)
@@ -435,7 +438,7 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
                "epoch": round(sampler.epoch_at(state.step + data_shift, world, K, B), 4),
                "grad_norm": finite_or_none(grad_norm), "lrs": lrs}
         if expert_load is not None:
-            row.update(expert_load.row())
+            row.update(expert_load.row(accelerator))
         if eval_blocks is not None and ((cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps):
             last_eval = evaluate(model, eval_blocks, accelerator, B, cfg.eval_blocks)
             if not math.isfinite(last_eval):
@@ -589,6 +592,8 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
     elif out.exists() and {p.name for p in out.iterdir()} - LEFT_BY_A_FAILED_START:
         raise GrowkitError(f"output directory {out} exists and holds other files; training writes into an empty "
                            "(or new) directory, choose another -o")
+    check_router_options(config.get("num_experts_per_tok") is not None, cfg.router_aux_loss_coef,
+                         cfg.router_z_loss_coef)
     # 4. µP base shapes.
     base_config, base_source = resolve_base_config(ckpt, config, cfg.mup, cfg.base_width)
     provenance = None

@@ -98,8 +98,8 @@ class RunTrackers:
         values = {"train/loss": row["loss"], "train/learning_rate": row["lr"], "train/grad_norm": row.get("grad_norm"),
                   "train/tokens_per_s": row["tokens_per_s"], "train/epoch": row["epoch"], "eval/loss": row["eval_loss"],
                   **{f"train/lr/{k}": v for k, v in (row.get("lrs") or {}).items()},
-                  # mixture-of-experts models (growkit.train.moe): the load-balancing loss and each expert's share
-                  "train/aux_loss": row.get("aux_loss"),
+                  # mixture-of-experts models (growkit.train.moe): load-balancing and z losses, each expert's share
+                  "train/aux_loss": row.get("aux_loss"), "train/z_loss": row.get("z_loss"),
                   **{f"train/expert_fraction/{e}": f for e, f in enumerate(row.get("expert_fractions") or [])}}
         self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=row["step"])
 
