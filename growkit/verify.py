@@ -15,6 +15,7 @@ from growkit.arch.registry import family_for
 from growkit.checkpoint.files import tokenizer_files
 from growkit.checkpoint.reader import Checkpoint
 from growkit.errors import GrowkitError
+from growkit.train.moe import lm_loss_only  # a trained MoE config (output_router_logits) would add the aux loss
 
 
 def _no_weight_init() -> Any:
@@ -101,12 +102,6 @@ def load_grown(directory: Path, experts_implementation: str | None = None) -> tu
 def random_tokens(vocab: int, seed: int = 0, batch: int = 2, length: int = 32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(vocab, (batch, length), generator=gen)
-
-
-def lm_loss_only(model: Any) -> dict[str, bool]:
-    """Forward kwargs that keep a MoE model's `.loss` the language-model loss: a config with `output_router_logits`
-    (what `growkit train` exports) would add the load-balancing loss, which changes with the number of experts."""
-    return {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
 
 
 @torch.no_grad()

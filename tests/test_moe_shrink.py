@@ -80,9 +80,12 @@ def test_removing_copies_undoes_duplication_exactly(tmp_path: Path, sources: dic
     src = sources[name]
     source, _ = load_grown(src)
     doubled = upcycle(src, tmp_path / "x2", experts=8, quiet=True).out_dir
-    back = growkit.shrink(doubled, tmp_path / "back", experts=4, quiet=True)
+    config = json.loads((doubled / "config.json").read_text())  # as `growkit train` exports a MoE: router logits on,
+    (doubled / "config.json").write_text(json.dumps(dict(config, output_router_logits=True)))  # so .loss has aux
+    back = growkit.shrink(doubled, tmp_path / "back", experts=4, quiet=True, verify=True)
     model, info = load_grown(back.out_dir)
     assert info == {"missing_keys": [], "unexpected_keys": []}
+    assert abs(back.provenance["verification"]["dloss"]) <= 1e-5  # language-model losses, not 8 vs 4 experts' aux
     assert back.provenance["exact_at_step_0"] and back.provenance["experts_kept"]["ranked_by"] == "copies"
     assert _experts(model) == (4, 2)
     assert _gap(source, model) <= TOL
