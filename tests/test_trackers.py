@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,24 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path, corpus):
     assert rows[0]["grad_norm"] == pytest.approx(first_step_grad_norm(out, tmp_path / "ckpt", corpus["train"]),
                                                  rel=1e-5)
     assert all(r["grad_norm"] > 1.0 for r in rows)  # above --max-grad-norm 1: the norm before clipping
+
+
+def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path, corpus):
+    """A run killed after logging step 3 but before checkpointing it resumes from checkpoint-2 and logs step 3 again:
+    the event files hide the first run's step 3 (TensorBoard's purge at the resume step), as metrics.jsonl drops it."""
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs the tensorboard package")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt, out = fresh_checkpoint(tmp_path / "ckpt"), tmp_path / "run"
+    run = dict(RUN, grow_at=None, save_every=2, report_to="tensorboard")
+    growkit.train(ckpt, corpus["train"], out, stop_after=3, **run)
+    shutil.rmtree(out / "checkpoint-3")  # the kill came before step 3's checkpoint
+    growkit.train(ckpt, corpus["train"], out, resume=True, **run)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "runs" / "growkit"), size_guidance={"scalars": 0}).Reload()
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [e.value for e in logged] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
 def wandb_records(path: Path):

@@ -348,7 +348,8 @@ def fit(model, train_blocks: TokenBlocks, cfg: TrainConfig, *, eval_blocks: Toke
         accelerator.load_state(str(Path(resume_from) / STATE_DIR))
         log(f"resumed from {resume_from} at step {state.step}")
 
-    trackers = RunTrackers(accelerator, cfg.report_to, out_dir, {**_jsonable(cfg), **(run_info or {})})
+    trackers = RunTrackers(accelerator, cfg.report_to, out_dir, {**_jsonable(cfg), **(run_info or {})},
+                           state.step if resume_from is not None else None)
     metrics = MetricsLog(out_dir, state.step if resume_from is not None else None,
                          enabled=is_main and out_dir is not None) if out_dir is not None else None
     sampler = BlockSampler(len(train_blocks), cfg.seed)

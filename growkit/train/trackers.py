@@ -72,7 +72,8 @@ def group_lrs(param_groups: list[dict[str, Any]]) -> dict[str, float]:
 class RunTrackers:
     """The trackers of one `fit` run: started with the run's configuration, fed each metrics row, finished."""
 
-    def __init__(self, accelerator: Any, report_to: str, out_dir: Path | None, config: dict[str, Any]) -> None:
+    def __init__(self, accelerator: Any, report_to: str, out_dir: Path | None, config: dict[str, Any],
+                 resumed_at: int | None = None) -> None:
         self.accelerator = accelerator
         self.active = bool(getattr(accelerator, "log_with", None))
         self.growths_logged = 0
@@ -84,6 +85,8 @@ class RunTrackers:
         name = Path(out_dir).name if out_dir is not None else PROJECT
         init = {"wandb": {"name": name, "dir": os.environ.get("WANDB_DIR", str(out_dir or "."))},
                 "trackio": {"name": name}, "mlflow": {"run_name": name}}
+        if resumed_at is not None:  # steps after the checkpoint were logged by the interrupted run: hide those
+            init["tensorboard"] = {"purge_step": resumed_at + 1}
         try:
             accelerator.init_trackers(PROJECT, config=_hyperparameters(config), init_kwargs=init)
         except Exception as exc:  # noqa: BLE001 - any tracker's start-up failure (login, server) is the user's to fix
