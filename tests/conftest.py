@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import transformers as T
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Every object alive once the test modules are imported (torch, transformers and their registries: hundreds of
+    thousands) lives until the end; freezing them keeps each full garbage collection from walking them all again
+    (`growkit.train` ends with one, through accelerate's `free_memory`, and the interpreter runs its own)."""
+    gc.freeze()
 
 
 def tiny_config(name: str) -> T.PretrainedConfig:
