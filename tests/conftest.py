@@ -20,10 +20,12 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Every object alive once the test modules are imported (torch, transformers and their registries: hundreds of
-    thousands) lives until the end; freezing them keeps each full garbage collection from walking them all again
-    (`growkit.train` ends with one, through accelerate's `free_memory`, and the interpreter runs its own)."""
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before each test, collect the garbage the previous ones left and freeze everything still alive (torch's and
+    transformers' modules and registries: hundreds of thousands of objects that live to the end), so that a full
+    garbage collection walks only what the test itself makes. `growkit.train` ends with one (accelerate's
+    `free_memory`), which otherwise took a third of a second each time."""
+    gc.collect()
     gc.freeze()
 
 
