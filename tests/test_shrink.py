@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
 
+from cli_util import run_cli_batch
 from growkit import grow, shrink
 from growkit.checkpoint.reader import StateDictCheckpoint, load_checkpoint
 from growkit.errors import GrowkitError
@@ -288,14 +287,13 @@ def test_cli_shrink_default_output_and_one_line_error(tmp_path, calib):
 
     src = tmp_path / "tiny-llama"
     shutil.copytree(TINY_LLAMA, src)
-    run = [sys.executable, "-m", "growkit.cli", "shrink", str(src), "--width", "0.5x", "--layers", "1",
-           "--calibration", str(calib), "-q"]
-    done = subprocess.run(run, capture_output=True, text=True, cwd=REPO)
+    # Two processes of one batch (one import of the CLI, each run its own process and exit status).
+    done, bad = run_cli_batch([["shrink", src, "--width", "0.5x", "--layers", "1", "--calibration", calib, "-q"],
+                               ["shrink", src, "--width", "2x", "-o", tmp_path / "bad"]], width=2)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "tiny-llama-shrunk"
     cfg = T.AutoConfig.from_pretrained(out)
     assert (cfg.hidden_size, cfg.num_hidden_layers) == (32, 1)
-    bad = subprocess.run([*run[:5], "--width", "2x", "-o", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {src}: hidden would grow from 64 to 128; use `growkit grow`"]
 
