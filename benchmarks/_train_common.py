@@ -142,3 +142,13 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 def save_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def save_png(fig, png: Path) -> None:
+    """Lay out, write and close a matplotlib figure (the benchmarks' plots)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _train_common import REPO, SEQ, Curve, flops_per_token, fmt, prepare_run, run, save_json
+from _train_common import REPO, SEQ, Curve, flops_per_token, fmt, prepare_run, run, save_json, save_png
 
 RESULTS = REPO / "benchmarks" / "results"
 NOISE_DB = (10.0, 0.0)  # symmetric noise at 10 dB below the weight std (0.32 x std) and at the std, DESIGN.md 2
@@ -214,10 +214,7 @@ def plot(results: list[dict], png: Path) -> None:
         ax.set_ylim(lo - 0.05, r["small_val_loss"] + 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
+    save_png(fig, png)
 
 
 def main() -> None:

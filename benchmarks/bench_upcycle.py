@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from _train_common import EVAL_BLOCKS, REPO, SEQ, flops_per_token, fmt, prepare_run, run, save_json
+from _train_common import EVAL_BLOCKS, REPO, SEQ, flops_per_token, fmt, prepare_run, run, save_json, save_png
 
 sys.path.insert(0, str(REPO))
 from growkit.upcycle import upcycle  # noqa: E402
@@ -222,10 +222,7 @@ def plot(results: dict, png: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("sparse upcycling vs dense continued vs MoE from scratch")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
+    save_png(fig, png)
 
 
 def main() -> None:
