@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -323,10 +323,29 @@ def provenance_for(growth: Growth, source_path: str, command: str | None, option
     }
 
 
-def default_output(src: Path, direction: Direction = "grow") -> Path:
-    """`small.safetensors` -> `small-grown/` beside it; `dir/` -> `dir-grown/`."""
+#: the default output's suffix, by what is done to the source
+_OUTPUT_SUFFIX = {"grow": "grown", "shrink": "shrunk", "upcycle": "moe"}
+
+
+def default_output(src: Path, kind: Direction | Literal["upcycle"] = "grow") -> Path:
+    """`small.safetensors` -> `small-grown/` beside it; `dir/` -> `dir-grown/` (`-shrunk`, `-moe` likewise)."""
     base = src.stem if src.is_file() else src.resolve().name
-    return src.parent / f"{base}-{'grown' if direction == 'grow' else 'shrunk'}"
+    return src.parent / f"{base}-{_OUTPUT_SUFFIX[kind]}"
+
+
+def checked_arguments(src: Path, out: str | Path | None, kind: Direction | Literal["upcycle"],
+                      config: str | Path | Mapping[str, Any] | None, operator_options: Mapping[str, Any] | None,
+                      overwrite: bool, seed: int, dtype: str | torch.dtype | None,
+                      max_shard_size: str | int) -> tuple[Path, int, torch.dtype | None]:
+    """Checks of the arguments alone, made before the source is loaded (loading can be costly: a GGUF file is
+    dequantized whole): shard size, seed, dtype, and an output path (default `default_output`) that may be written.
+    Returns (out, shard bytes, the dtype asked for or None)."""
+    shard_bytes = parse_size(max_shard_size)
+    check_seed(seed)
+    asked_dtype = parse_dtype(dtype)
+    out = Path(out) if out is not None else default_output(src, kind)
+    check_output(out, input_paths(src, config, operator_options), overwrite)
+    return out, shard_bytes, asked_dtype
 
 
 def grow(src: str | Path, out: str | Path | None = None, *, width: str | float | None = None,
@@ -339,13 +358,9 @@ def grow(src: str | Path, out: str | Path | None = None, *, width: str | float |
          direction: Direction = "grow", operator_options: Mapping[str, Any] | None = None) -> GrowResult:
     """Grow the checkpoint at `src` into a new Hugging Face checkpoint directory `out`, streamed and atomic."""
     src = Path(src)
-    # Checks of the arguments alone first: loading can be costly (a GGUF file is dequantized whole).
-    shard_bytes = parse_size(max_shard_size)
-    check_seed(seed)
     check_noise_snr_db(noise_snr_db)
-    asked_dtype = parse_dtype(dtype)
-    out = Path(out) if out is not None else default_output(src, direction)
-    check_output(out, input_paths(src, config, operator_options), overwrite)
+    out, shard_bytes, asked_dtype = checked_arguments(src, out, direction, config, operator_options, overwrite, seed,
+                                                      dtype, max_shard_size)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
     growth = plan_growth(ckpt, width=width, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                          method=method, depth_method=depth_method, noise_snr_db=noise_snr_db, seed=seed,

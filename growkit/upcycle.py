@@ -27,15 +27,14 @@ from growkit.arch.moe import (
 from growkit.arch.registry import family_for
 from growkit.arch.spec import parameter_count
 from growkit.arch.validate import config_problem
-from growkit.checkpoint.outputs import check_output
 from growkit.checkpoint.reader import Checkpoint, load_checkpoint
-from growkit.checkpoint.writer import CheckpointWriter, TensorEntry, parse_size
+from growkit.checkpoint.writer import CheckpointWriter, TensorEntry
 from growkit.errors import GrowkitError
 from growkit.operators.experts import ExpertRanking, plan_selection, read_layer_experts
-from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest, plan_duplication, plan_upcycle
+from growkit.operators.upcycle import UpcyclePlan, UpcycleRequest, exact_top_k, plan_duplication, plan_upcycle
 from growkit.pipeline import (
-    Growth, all_finite, check_seed, clean_temporaries, config_errors, default_output, input_paths, parse_dtype,
-    plan_growth, write_weights_and_config,
+    Growth, all_finite, check_seed, checked_arguments, clean_temporaries, config_errors, plan_growth,
+    write_weights_and_config,
 )
 from growkit.plan import Direction
 from growkit.resources import check_disk, check_memory
@@ -262,16 +261,13 @@ def upcycle(src: str | Path, out: str | Path | None = None, *, experts: int, top
     for when the result computes exactly what the source model did.
     """
     src = Path(src)
-    shard_bytes = parse_size(max_shard_size)
-    check_seed(seed)
-    asked_dtype = parse_dtype(dtype)
-    out = Path(out) if out is not None else src.parent / f"{src.stem if src.is_file() else src.resolve().name}-moe"
-    check_output(out, input_paths(src, config, None), overwrite)
+    out, shard_bytes, asked_dtype = checked_arguments(src, out, "upcycle", config, None, overwrite, seed, dtype,
+                                                      max_shard_size)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
     moe_source = is_moe(ckpt)
-    if top_k is None and moe_source:  # the top-k that keeps a duplication exact (plan_duplication)
+    if top_k is None and moe_source:
         with config_errors(ckpt.source):
-            top_k = int(ckpt.config["num_experts_per_tok"]) * max(1, experts // MoeFamily.experts(ckpt.config))
+            top_k = exact_top_k(int(ckpt.config["num_experts_per_tok"]), MoeFamily.experts(ckpt.config), experts)
     request = UpcycleRequest(experts=experts, top_k=top_k or 2, to=to, granularity=granularity,
                              shared_experts=shared_experts, router=router, router_std=router_std,
                              expert_noise_db=expert_noise, reinit_ratio=reinit_ratio, normalise_topk=norm_topk_prob)
@@ -297,11 +293,8 @@ def change_experts(src: str | Path, out: str | Path | None = None, *, experts: i
     calibration text or weight norms), announced as not exact and recorded in growkit.json with how they were chosen.
     """
     src = Path(src)
-    shard_bytes = parse_size(max_shard_size)
-    check_seed(seed)
-    asked_dtype = parse_dtype(dtype)
-    out = Path(out) if out is not None else default_output(src, direction)
-    check_output(out, input_paths(src, config, None), overwrite)
+    out, shard_bytes, asked_dtype = checked_arguments(src, out, direction, config, None, overwrite, seed, dtype,
+                                                      max_shard_size)
     ckpt = load_checkpoint(src, config=config, allow_pickle=allow_pickle, quiet=quiet)
     if not is_moe(ckpt):
         raise GrowkitError(f"{ckpt.source}: --experts: a {ckpt.model_type} model has no routed experts (growkit "
@@ -313,7 +306,7 @@ def change_experts(src: str | Path, out: str | Path | None = None, *, experts: i
         raise GrowkitError(f"{ckpt.source}: {direction} --experts {experts}: the model has {source_experts} experts; "
                            f"give {what}")
     if direction == "grow":
-        top_k = top_k if top_k is not None else source_top_k * max(1, experts // source_experts)
+        top_k = top_k if top_k is not None else exact_top_k(source_top_k, source_experts, experts)
         request = UpcycleRequest(experts=experts, top_k=top_k)
         up = plan_expert_count(ckpt, request, seed)
     else:

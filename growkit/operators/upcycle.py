@@ -171,6 +171,11 @@ def plan_upcycle(dense_type: str, source: Sizes, request: UpcycleRequest) -> Upc
                        router_groups=[e // routed for e in range(request.experts)], exact=not notes, notes=notes)
 
 
+def exact_top_k(top_k_source: int, experts_source: int, experts: int) -> int:
+    """The top-k that keeps a duplication to `experts` exact (`plan_duplication`): the source's times the copies."""
+    return top_k_source * max(1, experts // experts_source)
+
+
 def plan_duplication(layout: MoeLayout, source: Sizes, experts: int, top_k_source: int,
                      request: UpcycleRequest) -> UpcyclePlan:
     """More experts for a MoE model: each source expert copied m = N / E times, its router row with it.
