@@ -44,12 +44,20 @@ class LayerExperts:
 
 
 def read_layer_experts(ckpt: Checkpoint, layout: MoeLayout, layer: int, experts: int) -> LayerExperts:
-    """Group a layer's experts into identical copies, compared bit for bit (a copy made by growkit is one)."""
+    """Group a layer's experts into identical copies, compared bit for bit (a copy made by growkit is one).
+
+    Expert tensors are read only where a comparison needs them (router rows first): experts with distinct router
+    rows, as in a trained model, cost no reading beyond the first tensor that differs from expert 0's."""
     router = ckpt.get(layout.router().format(layer))
-    weights = [[ckpt.get(layout.expert(e, p).format(layer)) for p in DENSE_PROJECTIONS] for e in range(experts)]
+    read: dict[tuple[int, str], torch.Tensor] = {}
+
+    def weight(e: int, projection: str) -> torch.Tensor:
+        if (e, projection) not in read:
+            read[(e, projection)] = ckpt.get(layout.expert(e, projection).format(layer))
+        return read[(e, projection)]
 
     def same(a: int, b: int) -> bool:
-        return all(torch.equal(x, y) for x, y in zip(weights[a], weights[b]))
+        return all(torch.equal(weight(a, p), weight(b, p)) for p in DENSE_PROJECTIONS)
 
     groups: list[int] = []
     first: list[int] = []  # the first expert of each group
